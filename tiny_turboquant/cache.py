@@ -7,7 +7,7 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/cache.html.md"""
 # %% auto #0
 __all__ = ['PRESETS', 'resolve_bits', 'resolve_protected', 'TinyKVLayer', 'TinyKVCache', 'LayerMemory', 'MemoryReport']
 
-# %% ../nbs/04_cache.ipynb #af2bab56
+# %% ../nbs/04_cache.ipynb #59b405cd
 from dataclasses import dataclass, field
 import warnings
 import torch
@@ -16,7 +16,7 @@ from .affine import check_bits
 from .kivi import analytic_ratio, value_groups
 from .window import CompressedKV
 
-# %% ../nbs/04_cache.ipynb #d1d7ee34
+# %% ../nbs/04_cache.ipynb #46866f1d
 PRESETS = {
     "safe":       dict(key_bits=4, value_bits=4, value_group_size=None),
     "balanced":   dict(key_bits=4, value_bits=3, value_group_size=None),
@@ -46,7 +46,7 @@ def resolve_bits(compression=None, bits=None, key_bits=None, value_bits=None, va
         res["value_group_size"] = value_group_size
     return res
 
-# %% ../nbs/04_cache.ipynb #86a43435
+# %% ../nbs/04_cache.ipynb #75085025
 def resolve_protected(num_layers=None, protect_first=0, protect_last=0, protected_layers=()):
     "The set of layer indices kept in full precision, negative indices resolved against `num_layers`."
     for name, v in (("protect_first", protect_first), ("protect_last", protect_last)):
@@ -66,10 +66,11 @@ def resolve_protected(num_layers=None, protect_first=0, protect_last=0, protecte
         raise ValueError(f"protect_first + protect_last = {protect_first + protect_last} exceeds the {num_layers} layers")
     return set(range(protect_first)) | set(range(num_layers - protect_last, num_layers)) | {i % num_layers for i in layers}
 
-# %% ../nbs/04_cache.ipynb #15f42666
+# %% ../nbs/04_cache.ipynb #494a4c37
 class TinyKVLayer(CacheLayerMixin):
     "One layer of a `TinyKVCache`: KIVI-quantized history plus a full-precision window."
     is_sliding, is_croppable, is_compileable = False, True, False
+    fused = False  # decode steps go to the fused CUDA kernel (08_cuda) instead of dequantizing
 
     def __init__(self, key_bits=4, value_bits=4, residual_length=128, block_size=128, value_group_size=None):
         super().__init__()
@@ -82,6 +83,11 @@ class TinyKVLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized: self.lazy_initialization(key_states, value_states)
+        if self.fused and key_states.shape[-2] == 1 and self.history.tokens:
+            self.history.flush_due()
+            self.history.append(key_states, value_states, flush=False)  # the attention function flushes after it
+            key_states.tiny_history = self.history
+            return key_states, value_states
         past_k, past_v = self.history.dequantized()
         self.history.append(key_states, value_states)
         if past_k is None: return key_states, value_states
@@ -92,7 +98,7 @@ class TinyKVLayer(CacheLayerMixin):
     def get_max_length(self): return -1
     def nbytes(self): return self.history.nbytes()
 
-# %% ../nbs/04_cache.ipynb #6bb4c5b0
+# %% ../nbs/04_cache.ipynb #8d52050f
 def _batch_index(indices):
     indices = torch.as_tensor(indices)
     return indices.nonzero().flatten() if indices.dtype == torch.bool else indices.flatten()
@@ -119,15 +125,16 @@ TinyKVLayer.batch_repeat_interleave = lambda self, repeats: self.history.tokens 
 TinyKVLayer.offload = lambda self: self.is_initialized and _move(self, "cpu")
 TinyKVLayer.prefetch = lambda self: self.is_initialized and _move(self, self.device)
 
-# %% ../nbs/04_cache.ipynb #38232670
+# %% ../nbs/04_cache.ipynb #ac8f000f
 _NOT_ATTENTION = {"mamba", "linear_attention", "conv", "hybrid", "hybrid_sliding", "recurrent", "ssm"}
 
 class TinyKVCache(Cache):
     "A KV cache holding keys and values in the KIVI format: drop-in for `past_key_values=` / `cache=`."
     def __init__(self, compression=None, *, bits=None, key_bits=None, value_bits=None, value_group_size=_FROM_PRESET,
                  residual_length=128, block_size=128, protect_first=0, protect_last=0, protected_layers=(),
-                 num_layers=None, layer_types=None, sliding_window=None):
+                 num_layers=None, layer_types=None, sliding_window=None, fused_attention=False):
         self.bits = resolve_bits(compression, bits, key_bits, value_bits, value_group_size)
+        self.fused_attention = fused_attention
         self.compression = compression if compression is not None or bits or key_bits or value_bits else "safe"
         self._window = dict(residual_length=residual_length, block_size=block_size)
         CompressedKV(**self.bits, **self._window)  # validates the window and block sizes now, not at the first token
@@ -140,7 +147,9 @@ class TinyKVCache(Cache):
         if self.layer_types is not None and self.layer_types[idx] in ("sliding_attention", "chunked_attention"):
             return DynamicSlidingWindowLayer(sliding_window=self.sliding_window)
         if idx in self.protected: return DynamicLayer()
-        return TinyKVLayer(**self.bits, **self._window)
+        layer = TinyKVLayer(**self.bits, **self._window)
+        layer.fused = self.fused_attention
+        return layer
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx: self.layers.append(self._make_layer(len(self.layers)))
@@ -152,16 +161,16 @@ class TinyKVCache(Cache):
                 f"residual_length={self._window['residual_length']}, protected={sorted(self.protected)}, "
                 f"{len(self.layers)} layers)")
 
-# %% ../nbs/04_cache.ipynb #f63e5f60
+# %% ../nbs/04_cache.ipynb #655cda99
 def _no_state(self, *args, **kwargs):
     raise ValueError("TinyKVCache compresses attention keys and values; this model keeps recurrent or convolution "
                      "state (Mamba-style or linear-attention layers), which TinyKVCache does not hold. Use the model's own cache.")
 for _name in ("get_conv_state", "update_conv_state", "get_recurrent_state", "update_recurrent_state", "has_previous_state"):
     setattr(TinyKVCache, _name, _no_state)
 
-# %% ../nbs/04_cache.ipynb #b755b8d4
-def _for_model(cls, model, compression=None, **kwargs):
-    "A `TinyKVCache` built for `model`: every layer made up front, negative protected indices resolved."
+# %% ../nbs/04_cache.ipynb #710e25f3
+def _for_model(cls, model, compression=None, fused_attention=None, **kwargs):
+    "A `TinyKVCache` built for `model`: every layer made up front, negative protected indices resolved; on a CUDA model, decode through the fused kernel."
     config = model.config.get_text_config(decoder=True)
     n = getattr(config, "num_hidden_layers", None)
     types = list(getattr(config, "layer_types", None) or [])
@@ -171,7 +180,13 @@ def _for_model(cls, model, compression=None, **kwargs):
     sliding = getattr(config, "sliding_window", None)
     if not types: types = ["sliding_attention" if sliding else "full_attention"] * n
     if "chunked_attention" in types: sliding = getattr(config, "attention_chunk_size", sliding)
-    cache = cls(compression, num_layers=n, layer_types=types[:n], sliding_window=sliding, **kwargs)
+    if fused_attention is None:  # default: the fused kernel wherever it can run
+        fused_attention = model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
+    if fused_attention:
+        from tiny_turboquant.kernel import use_fused_attention  # 08_cuda; imported late, it imports this module's deps
+        use_fused_attention(model)
+    cache = cls(compression, num_layers=n, layer_types=types[:n], sliding_window=sliding,
+                fused_attention=bool(fused_attention), **kwargs)
     if not any(isinstance(l, TinyKVLayer) for l in cache.layers):
         warnings.warn(f"every layer of {type(model).__name__} is protected or uses a sliding window of {sliding} tokens; "
                       "TinyKVCache keeps such layers uncompressed, so this cache saves no memory")
@@ -179,7 +194,7 @@ def _for_model(cls, model, compression=None, **kwargs):
 
 TinyKVCache.for_model = classmethod(_for_model)
 
-# %% ../nbs/04_cache.ipynb #7f97037b
+# %% ../nbs/04_cache.ipynb #0b9bd7aa
 def _storage_bytes(*tensors):
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None and t.numel()}.values())
 
@@ -215,7 +230,7 @@ class MemoryReport:
         return (f"**{self}**\n\n| layer | kind | tokens | held bytes | uncompressed bytes | ratio |\n"
                 f"|---|---|---|---|---|---|\n{rows}")
 
-# %% ../nbs/04_cache.ipynb #5f4e69c6
+# %% ../nbs/04_cache.ipynb #f2eaf9d6
 def _layer_memory(idx, layer):
     if isinstance(layer, TinyKVLayer):
         h = layer.history

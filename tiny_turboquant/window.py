@@ -7,17 +7,17 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/residual_window.html.md"
 # %% auto #0
 __all__ = ['tokens_to_flush', 'CompressedKV']
 
-# %% ../nbs/02_residual_window.ipynb #c7054d23
+# %% ../nbs/02_residual_window.ipynb #a1a8a54e
 import torch
 from .affine import *
 from .kivi import *
 
-# %% ../nbs/02_residual_window.ipynb #ca961aa3
+# %% ../nbs/02_residual_window.ipynb #91a50a69
 def tokens_to_flush(window_tokens, residual_length=128, block_size=128):
     "How many of the oldest window tokens to quantize now: whole blocks, leaving at least `residual_length`."
     return max(window_tokens - residual_length, 0) // block_size * block_size
 
-# %% ../nbs/02_residual_window.ipynb #9530f747
+# %% ../nbs/02_residual_window.ipynb #6e8ae44c
 _STORED = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "window_keys", "window_values")
 
 class CompressedKV:
@@ -29,6 +29,7 @@ class CompressedKV:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.residual_length, self.block_size, self.value_group_size = residual_length, block_size, value_group_size
         for name in _STORED: setattr(self, name, None)
+        self._spare = {}  # CUDA only: name -> buffer with room to grow; the stored tensor is a view of its front
 
     @property
     def quantized_tokens(self): return 0 if self.key_codes is None else self.key_codes.shape[2]
@@ -41,7 +42,7 @@ class CompressedKV:
         return (f"CompressedKV(K{self.key_bits}/V{self.value_bits}, {self.quantized_tokens} quantized + "
                 f"{self.window_tokens} in window)")
 
-# %% ../nbs/02_residual_window.ipynb #da376d3f
+# %% ../nbs/02_residual_window.ipynb #9804fbe3
 def _cat(old, new): return new if old is None else torch.cat([old, new], dim=2)
 
 def _check_finite(x, what):
@@ -50,11 +51,46 @@ def _check_finite(x, what):
         raise ValueError(f"{what} to quantize contain NaN or Inf; quantizing them would corrupt the scales of "
                          "other tokens in the same block. Check the model's activations (dtype overflow?).")
 
-def _append(self:CompressedKV, keys, values):
-    "Add `keys`, `values` `[B, H, n, D]` to the window, then quantize whole blocks that left it."
+def _grow_quantum(self:CompressedKV, name):
+    if name in ("key_scale", "key_zero"): return 2  # blocks
+    return self.residual_length + self.block_size if name.startswith("window") else 2 * self.block_size
+
+def _extend(self:CompressedKV, name, new):
+    "Append `new` to stored tensor `name` along the token axis (in place into spare room on CUDA)."
+    old = getattr(self, name)
+    if not new.is_cuda: return setattr(self, name, _cat(old, new))
+    n0 = 0 if old is None else old.shape[2]
+    n, buf = n0 + new.shape[2], self._spare.get(name)
+    if buf is None or old is None or buf.shape[2] < n or old.data_ptr() != buf.data_ptr():
+        q = self._grow_quantum(name)
+        buf = new.new_empty(*new.shape[:2], -(-n // q) * q, *new.shape[3:])
+        if n0: buf[:, :, :n0] = old
+        self._spare[name] = buf
+    buf[:, :, n0:n] = new
+    setattr(self, name, buf[:, :, :n])
+
+def _drop_front(self:CompressedKV, name, n):
+    "Remove the first `n` tokens of window tensor `name`."
+    t = getattr(self, name)
+    rest = t[:, :, n:].clone()  # clone: on the CPU the window must not keep the pre-flush tensor alive through a view
+    if not t.is_cuda: return setattr(self, name, rest)
+    q, buf = self._grow_quantum(name), self._spare.get(name)
+    cap = max(-(-rest.shape[2] // q) * q, q)
+    if buf is None or t.data_ptr() != buf.data_ptr() or buf.shape[2] > cap:  # also shrinks back after a long prefill
+        buf = self._spare[name] = rest.new_empty(*rest.shape[:2], cap, *rest.shape[3:])
+    buf[:, :, :rest.shape[2]] = rest
+    setattr(self, name, buf[:, :, :rest.shape[2]])
+
+def _append(self:CompressedKV, keys, values, flush=True):
+    "Add `keys`, `values` `[B, H, n, D]` to the window, then (if `flush`) quantize whole blocks that left it."
     if self.window_keys is None: value_groups(keys.shape[-1], self.value_group_size)
     keys, values = keys.detach(), values.detach()  # a cache stores values, not the autograd graph behind them
-    self.window_keys, self.window_values = _cat(self.window_keys, keys), _cat(self.window_values, values)
+    self._extend("window_keys", keys); self._extend("window_values", values)
+    if flush: self.flush_due()
+    return self
+
+def _flush_due(self:CompressedKV):
+    "Quantize the whole blocks that are due to leave the window."
     n = tokens_to_flush(self.window_tokens, self.residual_length, self.block_size)
     if n: self._flush(n)
     return self
@@ -65,14 +101,13 @@ def _flush(self:CompressedKV, n):
     _check_finite(old_k, "keys"); _check_finite(old_v, "values")
     kc, ks, kz = quantize_keys(old_k, self.key_bits, self.block_size)
     vc, vs, vz = quantize_values(old_v, self.value_bits, self.value_group_size)
-    self.key_codes, self.key_scale, self.key_zero = _cat(self.key_codes, kc), _cat(self.key_scale, ks), _cat(self.key_zero, kz)
-    self.value_codes, self.value_scale, self.value_zero = _cat(self.value_codes, vc), _cat(self.value_scale, vs), _cat(self.value_zero, vz)
-    # clone, so the window does not keep the whole pre-flush tensor alive through a view
-    self.window_keys, self.window_values = self.window_keys[:, :, n:].clone(), self.window_values[:, :, n:].clone()
+    for name, t in zip(_STORED[:6], (kc, ks, kz, vc, vs, vz)): self._extend(name, t)
+    self._drop_front("window_keys", n); self._drop_front("window_values", n)
 
-CompressedKV.append, CompressedKV._flush = _append, _flush
+CompressedKV._grow_quantum, CompressedKV._extend, CompressedKV._drop_front = _grow_quantum, _extend, _drop_front
+CompressedKV.append, CompressedKV.flush_due, CompressedKV._flush = _append, _flush_due, _flush
 
-# %% ../nbs/02_residual_window.ipynb #80925ac7
+# %% ../nbs/02_residual_window.ipynb #46771dee
 def _dequantized(self:CompressedKV):
     "Keys and values of the whole history `[B, H, tokens, D]`: dequantized blocks, then the window."
     if not self.quantized_tokens: return self.window_keys, self.window_values
@@ -83,8 +118,9 @@ def _dequantized(self:CompressedKV):
 
 CompressedKV.dequantized = _dequantized
 
-# %% ../nbs/02_residual_window.ipynb #98eeaa49
+# %% ../nbs/02_residual_window.ipynb #b8fdee29
 def _map_stored(self:CompressedKV, f):
+    self._spare = {}  # the new tensors are exact-size; spare room is made again on the next append
     for name in _STORED:
         t = getattr(self, name)
         if t is not None: setattr(self, name, f(t))
@@ -101,6 +137,7 @@ def _repeat_interleave(self:CompressedKV, repeats):
 def _truncate(self:CompressedKV, length):
     "Keep only the first `length` tokens."
     if not 0 <= length <= self.tokens: raise ValueError(f"length must be in [0, {self.tokens}], got {length}")
+    self._spare = {}
     q = self.quantized_tokens
     if length >= q:
         self.window_keys, self.window_values = self.window_keys[:, :, :length - q].clone(), self.window_values[:, :, :length - q].clone()
@@ -118,7 +155,7 @@ def _truncate(self:CompressedKV, length):
 CompressedKV._map_stored, CompressedKV.select, CompressedKV.repeat_interleave, CompressedKV.truncate = \
     _map_stored, _select, _repeat_interleave, _truncate
 
-# %% ../nbs/02_residual_window.ipynb #1914b7ba
+# %% ../nbs/02_residual_window.ipynb #1b35e5b0
 def _nbytes(self:CompressedKV):
     "Bytes of storage held by every tensor of this history (each storage counted once)."
     storages = {}

@@ -1,0 +1,153 @@
+"""One decode step of attention, one layer: the fused kernel against fp16 SDPA and dequantize + SDPA, on a CUDA GPU.
+
+    python benchmarks/bench_kernel.py                      # writes benchmarks/results/kernel_h200.json and .png
+
+Shapes: Llama-3-8B (32 query / 8 KV heads) and Qwen2.5-7B (28 / 4), head_dim 128; batch 1, 8, 32; contexts 4k, 16k,
+64k, 128k. The cache is filled with random codes, scales and a full window (random data: timing does not depend on
+values). In the same run: the device-to-device copy bandwidth (bytes read + written), torch SDPA over fp16 K/V
+(with enable_gqa, and with the query heads of a KV head packed as queries; the faster is the fp16 floor), dequantize
++ SDPA (what a quantized cache without a kernel does each step), and transformers' QuantizedCache if quanto is
+installed. Each time is the median of `--reps` calls timed with CUDA events after warm-up.
+"""
+import argparse, datetime, importlib.util, json, platform
+from pathlib import Path
+import torch
+import torch.nn.functional as F
+from tiny_turboquant.window import CompressedKV
+from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, build_kernel
+
+SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
+
+
+def median_us(f, reps):
+    for _ in range(3): f()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); f(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_GBps(reps):
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+    t = median_us(lambda: y.copy_(x), reps)
+    return 2 * x.numel() / t / 1e3
+
+
+def random_history(B, Hkv, D, tokens, key_bits, value_bits, dtype=torch.float16, window=128):
+    "A CompressedKV of `tokens` tokens (whole blocks quantized, `window` in full precision) filled with random data."
+    h = CompressedKV(key_bits, value_bits)
+    n = (tokens - window) // 128 * 128
+    dev = "cuda"
+    h.key_codes = torch.randint(0, 256, (B, Hkv, n, D * key_bits // 8), dtype=torch.uint8, device=dev)
+    h.value_codes = torch.randint(0, 256, (B, Hkv, n, D * value_bits // 8), dtype=torch.uint8, device=dev)
+    h.key_scale = (torch.rand(B, Hkv, n // 128, D, device=dev) * 0.2 + 0.01).to(dtype)
+    h.key_zero = (torch.randn(B, Hkv, n // 128, D, device=dev) - 1).to(dtype)
+    h.value_scale = (torch.rand(B, Hkv, n, 1, device=dev) * 0.2 + 0.01).to(dtype)
+    h.value_zero = (torch.randn(B, Hkv, n, 1, device=dev) - 1).to(dtype)
+    h.window_keys = torch.randn(B, Hkv, tokens - n, D, device=dev, dtype=dtype)
+    h.window_values = torch.randn(B, Hkv, tokens - n, D, device=dev, dtype=dtype)
+    return h
+
+
+def stored_bytes(h):
+    return sum(t.numel() * t.element_size() for t in (h.key_codes, h.value_codes, h.key_scale, h.key_zero,
+                                                      h.value_scale, h.value_zero, h.window_keys, h.window_values))
+
+
+def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant):
+    Hq, Hkv, D = SHAPES[shape]
+    G = Hq // Hkv
+    h = random_history(B, Hkv, D, context, *bits)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+    out = fused_decode_attention(q, h)
+    err = None
+    if B * Hkv * context <= 8 * 8 * 16384:  # the float64 reference needs memory; check the smaller shapes
+        ref = reference_decode_attention(q, h)
+        err = ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    t_ours = median_us(lambda: fused_decode_attention(q, h), reps)
+    k = torch.randn(B, Hkv, context, D, device="cuda", dtype=torch.float16); v = torch.randn_like(k)
+    t_gqa = median_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+    qp = q.reshape(B, Hkv, G, D)
+    t_packed = median_us(lambda: F.scaled_dot_product_attention(qp, k, v), reps)
+    del k, v
+    t_deq = None
+    if with_dequant:
+        def dequant_sdpa():
+            kk, vv = h.dequantized()
+            return F.scaled_dot_product_attention(qp, kk, vv)
+        t_deq = median_us(dequant_sdpa, max(5, reps // 4))
+    t_sdpa = min(t_gqa, t_packed)
+    ours_bytes = stored_bytes(h) + 2 * q.numel() * q.element_size()
+    fp16_bytes = 2 * B * Hkv * context * D * 2 + 2 * q.numel() * q.element_size()
+    row = dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", heads=f"{Hq}/{Hkv}", head_dim=D,
+               ours_us=t_ours, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq,
+               speedup_vs_sdpa=t_sdpa / t_ours, ours_bytes=ours_bytes, fp16_bytes=fp16_bytes,
+               ours_GBps=ours_bytes / t_ours / 1e3, sdpa_GBps=fp16_bytes / t_sdpa / 1e3,
+               fraction_of_copy=ours_bytes / t_ours / 1e3 / copy_bw, sdpa_fraction_of_copy=fp16_bytes / t_sdpa / 1e3 / copy_bw,
+               fits_in_L2=ours_bytes < torch.cuda.get_device_properties(0).L2_cache_size, max_rel_error=err)
+    del h
+    torch.cuda.empty_cache()
+    return row
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for shape, style in (("llama3-8b", "-"), ("qwen2.5-7b", "--")):
+        for B, color in ((1, "C0"), (8, "C1"), (32, "C2")):
+            rows = sorted((r for r in result["attention"] if r["shape"] == shape and r["batch"] == B and r["bits"] == "K4/V4"),
+                          key=lambda r: r["context"])
+            if not rows: continue
+            ctx = [r["context"] // 1024 for r in rows]
+            axes[0].plot(ctx, [r["speedup_vs_sdpa"] for r in rows], style, color=color, marker="o", label=f"{shape} B={B}")
+            axes[1].plot(ctx, [r["fraction_of_copy"] for r in rows], style, color=color, marker="o", label=f"{shape} B={B}")
+    axes[0].axhline(2.5, color="gray", lw=0.8, ls=":"); axes[1].axhline(0.6, color="gray", lw=0.8, ls=":")
+    for ax, title in zip(axes, ("speed-up of the 4-bit kernel over fp16 SDPA", "kernel bandwidth / measured copy bandwidth")):
+        ax.set_xscale("log", base=2); ax.set_xlabel("context (k tokens)"); ax.set_title(title); ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"one attention layer-step, {result['device']}")
+    fig.tight_layout(); fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200.json"))
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    args = ap.parse_args()
+    build_kernel()
+    copy_bw = copy_GBps(args.reps)
+    print(f"device-to-device copy: {copy_bw:.0f} GB/s", flush=True)
+    configs = [(s, B, c, (4, 4)) for s in SHAPES for B in (1, 8, 32) for c in (4096, 16384, 65536, 131072)]
+    configs += [("llama3-8b", 8, c, bits) for c in (16384, 65536) for bits in ((4, 2), (3, 3), (2, 2), (4, 3))]
+    if args.quick: configs = [c for c in configs if c[1] == 8 and c[2] in (16384, 65536)]
+    rows = []
+    for shape, B, ctx, bits in configs:
+        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536)
+        rows.append(r)
+        print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
+              f"{r['fraction_of_copy']:.2f} of copy), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
+              + (f", dequant+SDPA {r['dequant_sdpa_us']:8.1f} us" if r["dequant_sdpa_us"] else "")
+              + (f", err {r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else ""), flush=True)
+    quanto = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
+    result = dict(
+        device=torch.cuda.get_device_name(0), sms=torch.cuda.get_device_properties(0).multi_processor_count,
+        torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
+        copy_GBps=copy_bw, reps=args.reps, attention=rows,
+        quantized_cache=("transformers QuantizedCache (quanto) timed" if quanto else
+                         "not measured: optimum-quanto is not installed on this machine (no network to install it); "
+                         "dequant_sdpa_us is the same strategy (dequantize the history, then SDPA) without quanto's own kernels"),
+        notes="ours_bytes: codes + scales + zeros + window + query + output; fp16_bytes: K + V + query + output. "
+              "fits_in_L2 rows are timed with the cache resident in L2 and overstate bandwidth.")
+    out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+// torch binding for launch_decode_attention: argument checks, split sizing, output and partial buffers.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "decode_attention.h"
+
+namespace {
+
+void check_layout(const at::Tensor& t, const char* name, int64_t dim, const at::Device& dev) {
+  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got ", t.sizes());
+  TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dim");
+  if (dim == 4 && t.size(2) > 1) TORCH_CHECK(t.stride(2) == t.size(3), name, " must have rows packed along the token axis");
+  // every row start 16-byte aligned so the kernels can use vector loads
+  const int64_t esize = t.element_size();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  for (int64_t d = 0; d + 1 < dim; ++d)
+    TORCH_CHECK(t.size(d) == 1 || (t.stride(d) * esize) % 16 == 0 || (dim == 4 && d == 2),
+                name, " strides must be multiples of 16 bytes");
+}
+
+}  // namespace
+
+at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_scale, at::Tensor key_zero,
+                            at::Tensor value_codes, at::Tensor value_scale, at::Tensor value_zero,
+                            at::Tensor window_keys, at::Tensor window_values, c10::optional<at::Tensor> mask,
+                            int64_t key_bits, int64_t value_bits, double scale) {
+  const at::Device dev = q.device();
+  TORCH_CHECK(dev.is_cuda(), "decode_attention needs CUDA tensors, got ", dev);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "query must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 3 && q.stride(-1) == 1 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 &&
+              reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "query must be [B, Hq, D], contiguous in D, rows 16-byte aligned");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256, got ", D);
+  TORCH_CHECK(key_bits >= 2 && key_bits <= 4 && value_bits >= 2 && value_bits <= 4, "bits must be 2, 3 or 4");
+  const auto meta = q.scalar_type();
+  check_layout(key_codes, "key_codes", 4, dev); check_layout(value_codes, "value_codes", 4, dev);
+  check_layout(window_keys, "window_keys", 4, dev); check_layout(window_values, "window_values", 4, dev);
+  TORCH_CHECK(key_codes.scalar_type() == at::kByte && value_codes.scalar_type() == at::kByte, "codes must be uint8");
+  TORCH_CHECK(window_keys.scalar_type() == meta && window_values.scalar_type() == meta, "window dtype must match the query");
+  const int64_t Hkv = window_keys.size(1), nq = key_codes.size(2), nw = window_keys.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+  TORCH_CHECK(nq % 128 == 0, "quantized tokens must be whole 128-token blocks, got ", nq);
+  TORCH_CHECK(window_keys.size(0) == B && window_keys.size(3) == D && window_values.sizes() == window_keys.sizes(), "window shape mismatch");
+  TORCH_CHECK(key_codes.size(0) == B && key_codes.size(1) == Hkv && key_codes.size(3) == D * key_bits / 8, "key_codes shape mismatch");
+  TORCH_CHECK(value_codes.size(0) == B && value_codes.size(1) == Hkv && value_codes.size(2) == nq &&
+              value_codes.size(3) == D * value_bits / 8, "value_codes shape mismatch");
+  TORCH_CHECK(nq + nw > 0, "the cache holds no tokens");
+  int vgroups = 1;
+  if (nq > 0) {
+    for (auto* t : {&key_scale, &key_zero, &value_scale, &value_zero}) {
+      TORCH_CHECK(t->device() == dev && t->scalar_type() == meta && t->dim() == 4 && t->stride(-1) == 1,
+                  "scales and zeros must be [B, H, *, *] ", meta, " tensors on ", dev, " contiguous in the last dim");
+    }
+    TORCH_CHECK(key_scale.size(2) == nq / 128 && key_scale.size(3) == D && key_scale.stride(2) == D &&
+                key_zero.sizes() == key_scale.sizes() && key_zero.strides() == key_scale.strides(), "key scale/zero shape mismatch");
+    vgroups = value_scale.size(3);
+    TORCH_CHECK(value_scale.size(2) == nq && value_scale.stride(2) == vgroups && value_zero.sizes() == value_scale.sizes() &&
+                value_zero.strides() == value_scale.strides(), "value scale/zero shape mismatch");
+    TORCH_CHECK(D % vgroups == 0 && (vgroups == 1 || (D / vgroups) % (D / 8) == 0),
+                "value groups must span at least head_dim/8 channels, got ", vgroups, " groups of ", D);
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device() == dev && (mask->scalar_type() == at::kByte || mask->scalar_type() == at::kBool), "mask must be a bool or uint8 tensor on ", dev);
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) >= nq + nw && mask->stride(1) == 1, "mask must be [B, >= tokens]");
+  }
+
+  const at::cuda::CUDAGuard guard(dev);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  DecodeParams p{};
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.kc = key_codes.data_ptr<uint8_t>(); p.kc_sb = key_codes.stride(0); p.kc_sh = key_codes.stride(1);
+  p.vc = value_codes.data_ptr<uint8_t>(); p.vc_sb = value_codes.stride(0); p.vc_sh = value_codes.stride(1);
+  if (nq > 0) {
+    p.ks = key_scale.data_ptr(); p.kz = key_zero.data_ptr(); p.km_sb = key_scale.stride(0); p.km_sh = key_scale.stride(1);
+    p.vs = value_scale.data_ptr(); p.vz = value_zero.data_ptr(); p.vm_sb = value_scale.stride(0); p.vm_sh = value_scale.stride(1);
+  }
+  p.vgroups = vgroups;
+  p.wk = window_keys.data_ptr(); p.wv = window_values.data_ptr();
+  p.wk_sb = window_keys.stride(0); p.wk_sh = window_keys.stride(1); p.wk_st = window_keys.stride(2);
+  p.wv_sb = window_values.stride(0); p.wv_sh = window_values.stride(1); p.wv_st = window_values.stride(2);
+  if (mask.has_value()) { p.mask = static_cast<const uint8_t*>(mask->data_ptr()); p.mask_sb = mask->stride(0); }
+  p.B = B; p.Hkv = Hkv; p.G = Hq / Hkv; p.D = D; p.key_bits = key_bits; p.value_bits = value_bits;
+  p.nq = nq; p.nw = nw;
+  p.head_groups = (p.G + 7) / 8;
+  // split-K: aim for about 4 blocks per multiprocessor; at least 2 key blocks per split so all 4 warps have work
+  const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
+  if (ntiles > 0) {
+    const int64_t want = std::max<int64_t>(1, (4 * sms + rows - 1) / rows);
+    const int64_t tps = std::max<int64_t>(std::min<int64_t>(2, ntiles), (ntiles + want - 1) / want);
+    p.tiles_per_split = tps; p.q_splits = (ntiles + tps - 1) / tps;
+  }
+  p.w_splits = (nw + 63) / 64;
+  p.parts = 4 * (p.q_splits + p.w_splits);
+  p.scale_log2 = float(scale * 1.4426950408889634);
+  p.is_bf16 = meta == at::kBFloat16;
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor o_part = at::empty({B, Hq, p.parts, D}, f32), ml_part = at::empty({B, Hq, p.parts, 2}, f32);
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();
+  p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sh = out.stride(1);
+  const cudaError_t err = launch_decode_attention(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "decode_attention kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "Fused dequantize + attention for one decode step (KIVI layout + window)");
+}

@@ -1,0 +1,446 @@
+// Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
+//
+// Grid of the split kernels: (split, kv head * head group, batch row). A block has 4 warps; each warp walks its own
+// range of 16*MT-token chunks and keeps its own online-softmax state, so the main loop has no block barrier; each warp
+// writes one partial (running max m, sum l, unnormalised output o) and `combine_kernel` merges them.
+//
+// Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
+//   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
+//     the per-channel key scale of the 128-token block is folded into the query (split into fp16 hi + lo so the
+//     product keeps ~22 bits); the integer codes are exact in fp16;
+//   out^T[channel, head] += v[token, channel]^T . p[token, head]
+//     v = zero + scale * code is formed in fp16 with one rounding (hfma2), p is the fp16 probability.
+// The score fragment (rows = tokens) becomes the probability operand (cols = tokens) with one movmatrix.trans.
+// Channel order inside the mma is free as long as both operands agree: each lane loads a contiguous slice of a token's
+// codes (16-byte loads at 4 bits, head_dim 128) and the query is arranged to match.
+#include "decode_attention.h"
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace {
+
+constexpr int WARPS = 4;
+constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
+constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
+constexpr int WINDOW_SPLIT = 64; // window tokens per block (16 per warp)
+constexpr uint32_t MAGIC = 0x64006400u;  // fp16 1024 in both halves: (MAGIC | c) is the half 1024 + c for c < 1024
+
+__device__ __forceinline__ float to_float(uint16_t bits, bool bf16) {
+  return bf16 ? __uint_as_float(uint32_t(bits) << 16) : __half2float(__ushort_as_half(bits));
+}
+__device__ __forceinline__ uint16_t from_float(float x, bool bf16) {
+  return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x)) : __half_as_ushort(__float2half_rn(x));
+}
+__device__ __forceinline__ uint16_t half_bits_of(uint16_t meta, bool bf16) {  // 16-bit metadata -> fp16 bits
+  return bf16 ? __half_as_ushort(__float2half_rn(to_float(meta, true))) : meta;
+}
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 bits_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
+template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
+
+template <int NB>
+__device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<NB>& out) {
+  constexpr int NW = (NB + 3) / 4 + 1;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) out.w[i] = 0;
+  if constexpr (NB % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 16; ++i) {
+      uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      out.w[4 * i] = v.x; out.w[4 * i + 1] = v.y; out.w[4 * i + 2] = v.z; out.w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (NB % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 8; ++i) {
+      uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      out.w[2 * i] = v.x; out.w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (NB % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i) out.w[i] = __ldg(reinterpret_cast<const uint32_t*>(p) + i);
+  } else if constexpr (NB % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 2; ++i)
+      out.w[i / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(p) + i)) << (16 * (i % 2));
+  } else {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(__ldg(p + i)) << (8 * (i % 4));
+  }
+}
+
+// code of channel c (bits [c*BITS, (c+1)*BITS) of the little-endian word stream); c is a compile-time constant
+// after unrolling, so this folds to a shift and a mask (a funnel shift where a 3-bit code straddles two words).
+template <int BITS>
+__device__ __forceinline__ uint32_t code_at(const uint32_t* w, int c) {
+  const int bit = c * BITS, word = bit >> 5, off = bit & 31;
+  if (off + BITS <= 32) return (w[word] >> off) & ((1u << BITS) - 1);
+  return __funnelshift_r(w[word], w[word + 1], off) & ((1u << BITS) - 1);
+}
+
+// Keys: pair i of a lane's slice -> two channels (c0, c1) packed as the halves 1024 + code.
+// 4 bits: channels (8m+s, 8m+s+4) sit 16 bits apart in word m, so one shift and one mask extract both.
+template <int BITS>
+__device__ __forceinline__ void key_pair_channels(int i, int& c0, int& c1) {
+  if (BITS == 4) { c0 = 8 * (i >> 2) + (i & 3); c1 = c0 + 4; }
+  else if (BITS == 2) { c0 = 16 * (i >> 3) + (i & 7); c1 = c0 + 8; }
+  else { c0 = 2 * i; c1 = 2 * i + 1; }
+}
+template <int BITS>
+__device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
+  if (BITS == 4) return ((w[i >> 2] >> (4 * (i & 3))) & 0x000F000Fu) | MAGIC;
+  if (BITS == 2) return ((w[i >> 3] >> (2 * (i & 7))) & 0x00030003u) | MAGIC;
+  return code_at<BITS>(w, 2 * i) | (code_at<BITS>(w, 2 * i + 1) << 16) | MAGIC;
+}
+
+// Values: channels (2mv, 2mv+1) of two tokens a, b -> lo = (a[2mv], b[2mv]), hi = (a[2mv+1], b[2mv+1]) as 1024 + code.
+template <int BITS>
+__device__ __forceinline__ void value_pairs(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi) {
+  if (BITS == 4) {  // both channels in byte mv
+    const int word = mv >> 2, k = mv & 3;
+    const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));  // a.byte k -> byte 0, b.byte k -> byte 2
+    lo = (x & 0x000F000Fu) | MAGIC; hi = ((x >> 4) & 0x000F000Fu) | MAGIC;
+  } else if (BITS == 2) {  // both channels in one nibble of byte mv/2
+    const int word = mv >> 3, k = (mv >> 1) & 3, s = (mv & 1) * 4;
+    const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
+    lo = ((x >> s) & 0x00030003u) | MAGIC; hi = ((x >> (s + 2)) & 0x00030003u) | MAGIC;
+  } else {
+    lo = code_at<BITS>(wa, 2 * mv) | (code_at<BITS>(wb, 2 * mv) << 16) | MAGIC;
+    hi = code_at<BITS>(wa, 2 * mv + 1) | (code_at<BITS>(wb, 2 * mv + 1) << 16) | MAGIC;
+  }
+}
+__device__ __forceinline__ uint32_t dequant2(uint32_t magic_code, __half2 scale, __half2 zero) {
+  const __half2 code = __hsub2(bits_h2(magic_code), __float2half2_rn(1024.f));  // exact
+  return h2_bits(__hfma2(code, scale, zero));                                   // one rounding
+}
+
+__device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes sharing tig (the token rows)
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+__device__ __forceinline__ float warp_sum_rows(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 8);
+  return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+template <int D, int KB, int VB>
+__global__ void __launch_bounds__(WARPS * 32) quantized_kernel(const DecodeParams p) {
+  constexpr int SEGK = D / 4, SEGK_B = SEGK * KB / 8;  // a lane's slice of a key row: channels, bytes
+  constexpr int SEGV = D / 8, SEGV_B = SEGV * VB / 8;  // a lane's slice of a value row
+  constexpr int NP = D / 8;                            // key channel pairs per lane
+  constexpr int NMV = D / 16;                          // value channel tiles (mma m = 16 channels)
+  constexpr int MT = D == 256 ? 2 : 4, CH = 16 * MT, CPT = TILE / CH;  // 16-token mma tiles per chunk
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
+  const int GH = min(MAX_HEADS, p.G - h0);
+  const bool bf16 = p.is_bf16;
+  const int ntiles = p.nq / TILE;
+  const int t_begin = blockIdx.x * p.tiles_per_split, t_end = min(ntiles, t_begin + p.tiles_per_split);
+  const int nc = max(t_end - t_begin, 0) * CPT;
+  const int c_begin = t_begin * CPT + nc * warp / WARPS, c_end = t_begin * CPT + nc * (warp + 1) / WARPS;
+
+  const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;
+  const uint16_t* ks = static_cast<const uint16_t*>(p.ks) + b * p.km_sb + hkv * p.km_sh;
+  const uint16_t* kz = static_cast<const uint16_t*>(p.kz) + b * p.km_sb + hkv * p.km_sh;
+  const uint8_t* vc = p.vc + b * p.vc_sb + hkv * p.vc_sh;
+  const uint16_t* vs = static_cast<const uint16_t*>(p.vs) + b * p.vm_sb + hkv * p.vm_sh;
+  const uint16_t* vz = static_cast<const uint16_t*>(p.vz) + b * p.vm_sb + hkv * p.vm_sh;
+  const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(gid, GH - 1)) * p.q_sh;
+  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
+  const int vgroup = (gid * SEGV) / (D / p.vgroups);  // the host checks a lane's value slice sits in one group
+
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float acc[NMV][4];
+#pragma unroll
+  for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  uint32_t qh[NP], ql[NP];
+  float bias[2] = {0.f, 0.f};
+  int cur_tile = -1;
+
+  for (int c = c_begin; c < c_end; ++c) {
+    const int tile = c / CPT, tok0 = c * CH;
+    if (tile != cur_tile) {  // fold this block's key scales into the query, its zeros into a per-head bias
+      cur_tile = tile;
+      float bias_part = 0.f;
+#pragma unroll
+      for (int j = 0; j < SEGK / 16; ++j) {
+        const int ch0 = tig * SEGK + 16 * j;
+        float qf[16], sf[16], zf[16];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 qv = __ldg(reinterpret_cast<const uint4*>(qrow + ch0) + h);
+          const uint4 sv = __ldg(reinterpret_cast<const uint4*>(ks + int64_t(tile) * D + ch0) + h);
+          const uint4 zv = __ldg(reinterpret_cast<const uint4*>(kz + int64_t(tile) * D + ch0) + h);
+          const uint32_t qa[4] = {qv.x, qv.y, qv.z, qv.w}, sa[4] = {sv.x, sv.y, sv.z, sv.w}, za[4] = {zv.x, zv.y, zv.z, zv.w};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const int sh = 16 * (e & 1);
+            qf[8 * h + e] = gid < GH ? to_float(uint16_t(qa[e >> 1] >> sh), bf16) : 0.f;
+            sf[8 * h + e] = to_float(uint16_t(sa[e >> 1] >> sh), bf16);
+            zf[8 * h + e] = to_float(uint16_t(za[e >> 1] >> sh), bf16);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < 16; ++e) bias_part = fmaf(qf[e], zf[e], bias_part);
+#pragma unroll
+        for (int i = 8 * j; i < 8 * j + 8; ++i) {
+          int c0, c1;
+          key_pair_channels<KB>(i, c0, c1);
+          c0 -= 16 * j; c1 -= 16 * j;
+          const float v0 = qf[c0] * sf[c0] * p.scale_log2, v1 = qf[c1] * sf[c1] * p.scale_log2;
+          const __half2 hi = __floats2half2_rn(v0, v1);
+          const __half2 lo = __floats2half2_rn(v0 - __low2float(hi), v1 - __high2float(hi));
+          qh[i] = h2_bits(hi); ql[i] = h2_bits(lo);
+        }
+      }
+      bias_part *= p.scale_log2;
+      bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
+      bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 2);
+      bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
+      bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
+    }
+
+    // --- loads for the whole chunk first, so many bytes are in flight ---
+    Words<SEGK_B> kw[MT][2];
+    Words<SEGV_B> vw[MT][4];
+    uint32_t vsc[MT][2], vzr[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        load_words<SEGK_B>(kc + int64_t(tok0 + 16 * mt + gid + 8 * r) * (D * KB / 8) + tig * SEGK_B, kw[mt][r]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        load_words<SEGV_B>(vc + int64_t(tok0 + 16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1)) * (D * VB / 8) + gid * SEGV_B, vw[mt][r]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t ta = int64_t(tok0 + 16 * mt + 2 * tig + 8 * r) * p.vgroups + vgroup;
+        const uint16_t sa = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vs) + ta), bf16);
+        const uint16_t sb = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vs) + ta + p.vgroups), bf16);
+        const uint16_t za = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vz) + ta), bf16);
+        const uint16_t zb = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vz) + ta + p.vgroups), bf16);
+        vsc[mt][r] = uint32_t(sa) | (uint32_t(sb) << 16);
+        vzr[mt][r] = uint32_t(za) | (uint32_t(zb) << 16);
+      }
+    }
+
+    // --- scores: rows = 16 tokens, cols = 8 heads, per mma tile ---
+    float s[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float cc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t a0 = key_pair<KB>(kw[mt][0].w, 2 * kk), a1 = key_pair<KB>(kw[mt][1].w, 2 * kk);
+        const uint32_t a2 = key_pair<KB>(kw[mt][0].w, 2 * kk + 1), a3 = key_pair<KB>(kw[mt][1].w, 2 * kk + 1);
+        const __half2 k1024 = __float2half2_rn(1024.f);
+        const uint32_t c0 = h2_bits(__hsub2(bits_h2(a0), k1024)), c1 = h2_bits(__hsub2(bits_h2(a1), k1024));
+        const uint32_t c2 = h2_bits(__hsub2(bits_h2(a2), k1024)), c3 = h2_bits(__hsub2(bits_h2(a3), k1024));
+        mma16816(cc, c0, c1, c2, c3, qh[2 * kk], qh[2 * kk + 1]);
+        mma16816(cc, c0, c1, c2, c3, ql[2 * kk], ql[2 * kk + 1]);
+      }
+      s[mt][0] = cc[0] + bias[0]; s[mt][1] = cc[1] + bias[1];
+      s[mt][2] = cc[2] + bias[0]; s[mt][3] = cc[3] + bias[1];
+      if (mask) {
+        if (!mask[tok0 + 16 * mt + gid]) s[mt][0] = s[mt][1] = -INFINITY;
+        if (!mask[tok0 + 16 * mt + gid + 8]) s[mt][2] = s[mt][3] = -INFINITY;
+      }
+    }
+
+    // --- online softmax over the chunk (cols = heads 2*tig, 2*tig+1) ---
+    float alpha[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mx = fmaxf(mx, fmaxf(s[mt][e], s[mt][e + 2]));
+      mx = warp_max_rows(mx);
+      const float mn = fmaxf(m_run[e], mx);
+      alpha[e] = mn == -INFINITY ? 1.f : exp2f(m_run[e] - mn);
+      m_run[e] = mn;
+      float sum = 0.f;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        s[mt][e] = s[mt][e] == -INFINITY ? 0.f : exp2f(s[mt][e] - mn);
+        s[mt][e + 2] = s[mt][e + 2] == -INFINITY ? 0.f : exp2f(s[mt][e + 2] - mn);
+        sum += s[mt][e] + s[mt][e + 2];
+      }
+      l_run[e] = l_run[e] * alpha[e] + sum;
+    }
+#pragma unroll
+    for (int i = 0; i < NMV; ++i) {
+      acc[i][0] *= alpha[0]; acc[i][1] *= alpha[1]; acc[i][2] *= alpha[0]; acc[i][3] *= alpha[1];
+    }
+
+    // --- out^T[channel, head] += v^T[channel, token] p[token, head] ---
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
+      const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2], s[mt][3])));  // tokens 8+2tig..
+      const __half2 s01 = bits_h2(vsc[mt][0]), z01 = bits_h2(vzr[mt][0]);
+      const __half2 s89 = bits_h2(vsc[mt][1]), z89 = bits_h2(vzr[mt][1]);
+#pragma unroll
+      for (int mv = 0; mv < NMV; ++mv) {
+        uint32_t lo01, hi01, lo89, hi89;
+        value_pairs<VB>(vw[mt][0].w, vw[mt][1].w, mv, lo01, hi01);
+        value_pairs<VB>(vw[mt][2].w, vw[mt][3].w, mv, lo89, hi89);
+        mma16816(acc[mv], dequant2(lo01, s01, z01), dequant2(hi01, s01, z01),
+                 dequant2(lo89, s89, z89), dequant2(hi89, s89, z89), b0, b1);
+      }
+    }
+  }
+
+  // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
+  const int part = blockIdx.x * WARPS + warp;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const float l = warp_sum_rows(l_run[e]);
+    const int g = 2 * tig + e;
+    if (g < GH) {
+      const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
+      if (gid == 0) { p.ml_part[2 * base] = m_run[e]; p.ml_part[2 * base + 1] = l; }
+      float* o = p.o_part + base * D + gid * SEGV;
+#pragma unroll
+      for (int mv = 0; mv < NMV; ++mv) { o[2 * mv] = acc[mv][e]; o[2 * mv + 1] = acc[mv][e + 2]; }
+    }
+  }
+}
+
+// The full-precision window: CUDA cores in fp32, one token at a time per warp (at most a few hundred tokens).
+template <int D>
+__global__ void __launch_bounds__(WARPS * 32) window_kernel(const DecodeParams p) {
+  constexpr int PER = D / 32;  // channels per lane
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
+  const int GH = min(MAX_HEADS, p.G - h0);
+  const bool bf16 = p.is_bf16;
+  const int t_lo = blockIdx.x * WINDOW_SPLIT + warp * (WINDOW_SPLIT / WARPS);
+  const int t_hi = min(p.nw, t_lo + WINDOW_SPLIT / WARPS);
+  const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
+  const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
+  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
+
+  float qf[MAX_HEADS][PER], o[MAX_HEADS][PER], m[MAX_HEADS], l[MAX_HEADS];
+#pragma unroll
+  for (int g = 0; g < MAX_HEADS; ++g) {
+    const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(g, GH - 1)) * p.q_sh + lane * PER;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) { qf[g][i] = to_float(qrow[i], bf16) * p.scale_log2; o[g][i] = 0.f; }
+    m[g] = -INFINITY; l[g] = 0.f;
+  }
+  for (int t = t_lo; t < t_hi; ++t) {
+    float kf[PER], vf[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) { kf[i] = to_float(wk[t * p.wk_st + i], bf16); vf[i] = to_float(wv[t * p.wv_st + i], bf16); }
+    const bool valid = !mask || mask[t];
+#pragma unroll
+    for (int g = 0; g < MAX_HEADS; ++g) {
+      if (g < GH) {
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        const float sc = valid ? dot : -INFINITY;
+        const float mn = fmaxf(m[g], sc);
+        const float alpha = mn == -INFINITY ? 1.f : exp2f(m[g] - mn);
+        const float pr = sc == -INFINITY ? 0.f : exp2f(sc - mn);
+        l[g] = l[g] * alpha + pr;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) o[g][i] = fmaf(o[g][i], alpha, pr * vf[i]);
+        m[g] = mn;
+      }
+    }
+  }
+  const int part = (p.q_splits + blockIdx.x) * WARPS + warp;
+#pragma unroll
+  for (int g = 0; g < MAX_HEADS; ++g) {
+    if (g < GH) {
+      const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
+      if (lane == 0) { p.ml_part[2 * base] = m[g]; p.ml_part[2 * base + 1] = l[g]; }
+#pragma unroll
+      for (int i = 0; i < PER; ++i) p.o_part[base * D + lane * PER + i] = o[g][i];
+    }
+  }
+}
+
+// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head.
+__global__ void combine_kernel(const DecodeParams p) {
+  const int bh = blockIdx.x, d = threadIdx.x, Hq = p.Hkv * p.G;
+  const int b = bh / Hq, h = bh % Hq;
+  const float* ml = p.ml_part + int64_t(bh) * p.parts * 2;
+  const float* o = p.o_part + int64_t(bh) * p.parts * p.D;
+  float M = -INFINITY;
+  for (int i = 0; i < p.parts; ++i) M = fmaxf(M, ml[2 * i]);
+  float L = 0.f, acc = 0.f;
+  if (M != -INFINITY) {
+    for (int i = 0; i < p.parts; ++i) {
+      const float mi = ml[2 * i];
+      if (mi == -INFINITY) continue;
+      const float w = exp2f(mi - M);
+      L = fmaf(w, ml[2 * i + 1], L);
+      acc = fmaf(w, o[int64_t(i) * p.D + d], acc);
+    }
+  }
+  const float r = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
+  static_cast<uint16_t*>(p.out)[b * p.out_sb + int64_t(h) * p.out_sh + d] = from_float(r, p.is_bf16);
+}
+
+template <int D, int KB, int VB>
+void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(p.q_splits, p.Hkv * p.head_groups, p.B);
+  quantized_kernel<D, KB, VB><<<grid, WARPS * 32, 0, stream>>>(p);
+}
+template <int D, int KB>
+void dispatch_vb(const DecodeParams& p, cudaStream_t s) {
+  if (p.value_bits == 2) launch_quantized<D, KB, 2>(p, s);
+  else if (p.value_bits == 3) launch_quantized<D, KB, 3>(p, s);
+  else launch_quantized<D, KB, 4>(p, s);
+}
+template <int D>
+void dispatch_kb(const DecodeParams& p, cudaStream_t s) {
+  if (p.key_bits == 2) dispatch_vb<D, 2>(p, s);
+  else if (p.key_bits == 3) dispatch_vb<D, 3>(p, s);
+  else dispatch_vb<D, 4>(p, s);
+}
+template <int D>
+void launch_window(const DecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(p.w_splits, p.Hkv * p.head_groups, p.B);
+  window_kernel<D><<<grid, WARPS * 32, 0, stream>>>(p);
+}
+
+}  // namespace
+
+cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+  if (p.q_splits > 0) {
+    if (p.D == 64) dispatch_kb<64>(p, stream);
+    else if (p.D == 128) dispatch_kb<128>(p, stream);
+    else dispatch_kb<256>(p, stream);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  if (p.w_splits > 0) {
+    if (p.D == 64) launch_window<64>(p, stream);
+    else if (p.D == 128) launch_window<128>(p, stream);
+    else launch_window<256>(p, stream);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  combine_kernel<<<p.B * p.Hkv * p.G, p.D, 0, stream>>>(p);
+  return cudaGetLastError();
+}

@@ -1,0 +1,31 @@
+// Fused dequantize + attention for one decode step over a TinyKVCache layer (KIVI layout + full-precision window).
+// Shared by the kernels (decode_attention.cu, no torch headers) and the torch binding (decode_attention.cpp).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+struct DecodeParams {
+  // query [B, Hq, D], model dtype (fp16 or bf16), element strides
+  const void* q; int64_t q_sb, q_sh;
+  // quantized keys: codes [B, Hkv, nq, D*key_bits/8] uint8 (byte strides), scale/zero [B, Hkv, nq/128, D] (element strides)
+  const uint8_t* kc; int64_t kc_sb, kc_sh;
+  const void* ks; const void* kz; int64_t km_sb, km_sh;
+  // quantized values: codes [B, Hkv, nq, D*value_bits/8], scale/zero [B, Hkv, nq, vgroups]
+  const uint8_t* vc; int64_t vc_sb, vc_sh;
+  const void* vs; const void* vz; int64_t vm_sb, vm_sh; int vgroups;
+  // full-precision window [B, Hkv, nw, D], model dtype, element strides
+  const void* wk; const void* wv; int64_t wk_sb, wk_sh, wk_st, wv_sb, wv_sh, wv_st;
+  // optional key mask [B, >= nq + nw] uint8 (1 = attend), null when every token is attended
+  const uint8_t* mask; int64_t mask_sb;
+  int B, Hkv, G, D, key_bits, value_bits, nq, nw;
+  int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
+  int q_splits, tiles_per_split, w_splits; // split-K over the quantized tiles and the window
+  int parts;                               // partial results per query head: 4 warps * (q_splits + w_splits)
+  float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
+  int is_bf16;
+  float* o_part; float* ml_part;           // [B, Hq, parts, D] and [B, Hq, parts, 2] (running max, sum)
+  void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype
+};
+
+// Launches the split kernels and the combine kernel on `stream`; returns the first CUDA error.
+cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);

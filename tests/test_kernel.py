@@ -1,0 +1,84 @@
+"""The fused CUDA decode kernel against float64 attention over the exactly dequantized cache (skipped without CUDA)."""
+import random
+import pytest
+import torch
+from tiny_turboquant.window import CompressedKV
+from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+TOLERANCE = 2e-3
+
+
+def make_history(B, Hkv, D, tokens, key_bits, value_bits, value_group_size, dtype, flush=True, gen=None):
+    h = CompressedKV(key_bits, value_bits, value_group_size=value_group_size)
+    outliers = 1 + 6 * torch.rand(1, Hkv, 1, D, device="cuda", generator=gen) ** 4  # a few large key channels
+    offset = torch.randn(1, Hkv, 1, D, device="cuda", generator=gen)  # keys are not centred in real models
+    k = torch.randn(B, Hkv, tokens, D, device="cuda", generator=gen) * outliers + offset
+    v = torch.randn(B, Hkv, tokens, D, device="cuda", generator=gen)
+    h.append(k.to(dtype), v.to(dtype), flush=flush)
+    return h
+
+
+def relative_error(out, ref):
+    "Largest over (row, head) of |out - ref| / |ref| (vector 2-norms)."
+    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+def check(B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked=False, q_scale=1.0, flush=True, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    h = make_history(B, Hkv, D, tokens, key_bits, value_bits, vgs, dtype, flush, gen)
+    q = (torch.randn(B, Hkv * G, 1, D, device="cuda", generator=gen) * q_scale).to(dtype)
+    mask = None
+    if masked:  # left padding of a different length per row; every row keeps at least one token
+        starts = torch.randint(0, tokens, (B,), device="cuda", generator=gen)
+        mask = torch.arange(tokens, device="cuda")[None] >= starts[:, None]
+    assert kernel_supports(h, q) is None
+    out = fused_decode_attention(q, h, mask=mask)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    err = relative_error(out, reference_decode_attention(q, h, mask=mask))
+    assert err < TOLERANCE, (B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked, err)
+    return err
+
+
+FIXED = [  # (B, Hkv, G, D, tokens, key_bits, value_bits, value_group_size, dtype, masked, q_scale, flush)
+    (1, 8, 4, 128, 16384, 4, 4, None, torch.float16, False, 1.0, True),   # Llama-3-8B head shape
+    (1, 4, 7, 128, 16384, 4, 4, None, torch.bfloat16, False, 1.0, True),  # Qwen2.5-7B
+    (1, 8, 4, 128, 130_001, 4, 4, None, torch.bfloat16, False, 1.0, True),  # long, odd length
+    (2, 3, 3, 64, 1000, 3, 2, 32, torch.float16, False, 1.0, True),       # SmolLM2, aggressive preset
+    (4, 2, 8, 256, 3000, 2, 3, None, torch.bfloat16, True, 1.0, True),
+    (3, 2, 12, 128, 2000, 4, 3, None, torch.float16, False, 1.0, True),   # 12 heads per KV head: two passes
+    (2, 1, 1, 64, 77, 4, 4, None, torch.float16, False, 1.0, True),       # window only, partly full
+    (2, 2, 4, 128, 384, 4, 4, None, torch.float16, False, 1.0, False),    # a 384-token window, nothing flushed
+    (16, 2, 2, 128, 700, 4, 4, 16, torch.bfloat16, True, 1.0, True),
+    (2, 2, 4, 128, 5000, 4, 4, None, torch.float16, False, 6.0, True),    # peaked attention
+]
+
+
+@pytest.mark.parametrize("case", FIXED)
+def test_fixed_shapes(case):
+    check(*case)
+
+
+def test_random_shapes():
+    rng = random.Random(1234)
+    errors = []
+    for i in range(40):
+        D = rng.choice([64, 128, 256])
+        B = rng.choice([1, 2, 3, 5, 8, 16])
+        tokens = rng.choice([rng.randint(1, 300), rng.randint(300, 5000), rng.randint(5000, max(5001, 60000 // B))])
+        vgs = rng.choice([None, None, D // 8 * rng.choice([1, 2, 4])])
+        vgs = None if vgs == D else vgs
+        errors.append(check(B, rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 4, 5, 7, 8]), D, tokens,
+                            rng.choice([2, 3, 4]), rng.choice([2, 3, 4]), vgs,
+                            rng.choice([torch.float16, torch.bfloat16]), masked=rng.random() < 0.3,
+                            q_scale=rng.choice([0.5, 1.0, 3.0]), flush=rng.random() < 0.8, seed=i))
+    print("max relative error over random shapes:", max(errors))
+
+
+def test_unsupported_inputs_say_why():
+    h = make_history(1, 1, 96, 300, 4, 4, None, torch.float16)
+    q = torch.randn(1, 2, 1, 96, device="cuda", dtype=torch.float16)
+    assert "head_dim 96" in kernel_supports(h, q)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        fused_decode_attention(q, h)
