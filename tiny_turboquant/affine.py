@@ -8,10 +8,10 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/affine.html.md"""
 __all__ = ['BITS_ALLOWED', 'check_bits', 'meta_dtype_for', 'affine_params', 'quantize_affine', 'dequantize_affine', 'packed_size',
            'pack_bits', 'unpack_bits']
 
-# %% ../nbs/00_affine.ipynb #1e8b0637
+# %% ../nbs/00_affine.ipynb #c31d0a81
 import torch
 
-# %% ../nbs/00_affine.ipynb #ba1a89f4
+# %% ../nbs/00_affine.ipynb #c373d8a9
 BITS_ALLOWED = (2, 3, 4)
 
 def check_bits(bits, name="bits"):
@@ -24,7 +24,7 @@ def meta_dtype_for(dtype):
     "The 16-bit type scales and zeros are stored in: bf16 for bf16 models (fp16 could overflow), fp16 otherwise."
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
-# %% ../nbs/00_affine.ipynb #7b91778c
+# %% ../nbs/00_affine.ipynb #d16b161f
 def _round_down(x, dtype):
     "Largest value of `dtype` that is <= `x` (float32)."
     r = x.to(dtype)
@@ -43,7 +43,7 @@ def affine_params(lo, hi, bits, meta_dtype=torch.float16):
     scale = _round_up((hi - zero.float()) / levels, meta_dtype)
     return scale.clamp_min(torch.finfo(meta_dtype).tiny), zero
 
-# %% ../nbs/00_affine.ipynb #a97019a0
+# %% ../nbs/00_affine.ipynb #70b7f656
 def quantize_affine(x, scale, zero, bits):
     "Integer codes (uint8) of `x` on the grid `zero + scale * k`, `k` in `[0, 2**bits - 1]`; scale and zero broadcast."
     codes = torch.round((x.float() - zero.float()) / scale.float())
@@ -51,9 +51,9 @@ def quantize_affine(x, scale, zero, bits):
 
 def dequantize_affine(codes, scale, zero, dtype=torch.float32):
     "Values `zero + scale * codes`, computed in float32 and returned as `dtype`."
-    return (zero.float() + scale.float() * codes.float()).to(dtype)
+    return torch.addcmul(zero.float(), codes.float(), scale.float()).to(dtype)
 
-# %% ../nbs/00_affine.ipynb #a9a6df88
+# %% ../nbs/00_affine.ipynb #139af111
 def packed_size(n, bits):
     "Bytes taken by `n` codes of `bits` bits packed densely (`n` a multiple of 8)."
     if n % 8: raise ValueError(f"the packed axis must be a multiple of 8, got {n}")
@@ -63,15 +63,19 @@ def pack_bits(codes, bits):
     "Pack uint8 `codes` (< 2**bits) along the last axis: each 8 codes become `bits` bytes."
     *lead, n = codes.shape
     nbytes = packed_size(n, bits)
-    words = codes.reshape(*lead, n // 8, 8).to(torch.int64)
-    word = (words << (torch.arange(8, device=codes.device) * bits)).sum(-1, keepdim=True)
-    out = (word >> (torch.arange(bits, device=codes.device) * 8)) & 0xFF
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=codes.device)
+    word = (codes.reshape(*lead, n // 8, 8).to(torch.int32) << shifts).sum(-1, keepdim=True, dtype=torch.int64)
+    out = (word >> torch.arange(0, 8 * bits, 8, device=codes.device)) & 0xFF
     return out.to(torch.uint8).reshape(*lead, nbytes)
 
-def unpack_bits(packed, bits):
-    "Inverse of `pack_bits`: uint8 codes along the last axis."
+def unpack_bits(packed, bits, dtype=torch.uint8):
+    "Inverse of `pack_bits`: the codes along the last axis, as `dtype` (a float dtype skips a conversion pass)."
     *lead, nbytes = packed.shape
-    chunks = packed.reshape(*lead, nbytes // bits, bits).to(torch.int64)
-    word = (chunks << (torch.arange(bits, device=packed.device) * 8)).sum(-1, keepdim=True)
-    codes = (word >> (torch.arange(8, device=packed.device) * bits)) & (2**bits - 1)
-    return codes.to(torch.uint8).reshape(*lead, nbytes // bits * 8)
+    if 8 % bits:  # 3 bits: 8 codes in each 24-bit word
+        b = packed.reshape(*lead, nbytes // 3, 3).to(torch.int32)
+        units, per_unit = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16), 8
+    else:  # 1, 2, 4 bits: codes never straddle a byte
+        units, per_unit = packed, 8 // bits
+    out = torch.empty(*units.shape, per_unit, dtype=dtype, device=packed.device)
+    for j in range(per_unit): out[..., j] = (units >> (j * bits)) & (2**bits - 1)
+    return out.reshape(*lead, units.shape[-1] * per_unit)

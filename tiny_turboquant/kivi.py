@@ -8,12 +8,12 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/kivi_layout.html.md"""
 __all__ = ['META_BYTES', 'value_groups', 'quantize_keys', 'dequantize_keys', 'quantize_values', 'dequantize_values',
            'quantized_bytes_per_token', 'bits_per_element', 'analytic_ratio']
 
-# %% ../nbs/01_kivi_layout.ipynb #402769a6
+# %% ../nbs/01_kivi_layout.ipynb #93db0cfb
 import math
 import torch
 from .affine import *
 
-# %% ../nbs/01_kivi_layout.ipynb #5d2a5f74
+# %% ../nbs/01_kivi_layout.ipynb #f175bf69
 def value_groups(head_dim, value_group_size=None):
     "Number of channel groups a value vector is quantized in (1 when `value_group_size` is None)."
     if value_group_size is None: return 1
@@ -23,7 +23,7 @@ def value_groups(head_dim, value_group_size=None):
         raise ValueError(f"value_group_size={value_group_size} must divide head_dim={head_dim}")
     return head_dim // value_group_size
 
-# %% ../nbs/01_kivi_layout.ipynb #810a2a0e
+# %% ../nbs/01_kivi_layout.ipynb #b267f44c
 def quantize_keys(keys, bits, block_size=128):
     "Quantize `keys` `[B, H, N, D]` (N a multiple of `block_size`) per channel per block: (codes, scale, zero)."
     B, H, N, D = keys.shape
@@ -38,10 +38,10 @@ def dequantize_keys(codes, scale, zero, bits, dtype):
     "Keys `[B, H, N, D]` from `quantize_keys` output."
     B, H, N, _ = codes.shape
     nblocks, D = scale.shape[-2:]
-    c = unpack_bits(codes, bits).reshape(B, H, nblocks, N // nblocks, D)
+    c = unpack_bits(codes, bits, torch.float32).reshape(B, H, nblocks, N // nblocks, D)
     return dequantize_affine(c, scale.unsqueeze(3), zero.unsqueeze(3), dtype).reshape(B, H, N, D)
 
-# %% ../nbs/01_kivi_layout.ipynb #fbbad7ed
+# %% ../nbs/01_kivi_layout.ipynb #c3e8ddd0
 def quantize_values(values, bits, value_group_size=None):
     "Quantize `values` `[B, H, N, D]` per token in groups of `value_group_size` channels: (codes, scale, zero)."
     B, H, N, D = values.shape
@@ -56,10 +56,10 @@ def dequantize_values(codes, scale, zero, bits, dtype):
     "Values `[B, H, N, D]` from `quantize_values` output."
     B, H, N, _ = codes.shape
     G = scale.shape[-1]
-    c = unpack_bits(codes, bits).reshape(B, H, N, G, -1)
+    c = unpack_bits(codes, bits, torch.float32).reshape(B, H, N, G, -1)
     return dequantize_affine(c, scale.unsqueeze(-1), zero.unsqueeze(-1), dtype).reshape(B, H, N, -1)
 
-# %% ../nbs/01_kivi_layout.ipynb #f4d626c4
+# %% ../nbs/01_kivi_layout.ipynb #35e8fb0b
 META_BYTES = 2  # scales and zeros are 16-bit
 
 def quantized_bytes_per_token(head_dim, key_bits, value_bits, block_size=128, value_group_size=None):
