@@ -11,7 +11,7 @@ __all__ = ['log', 'CHATML', 'COMPRESSIONS', 'StreamText', 'byte_tokenizer', 'sam
            'ChatRequest', 'CompletionRequest', 'APIError', 'error_response', 'chat_prompt', 'completion_prompts',
            'make_job', 'make_app', 'serve', 'build_app', 'main']
 
-# %% ../nbs/06_server.ipynb #b6c6b9f2
+# %% ../nbs/06_server.ipynb #49a16c94
 import argparse, asyncio, contextlib, inspect, json, logging, queue, random, socket, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ except ImportError as e:  # the server is an optional extra
 
 log = logging.getLogger("tiny_turboquant.server")
 
-# %% ../nbs/06_server.ipynb #fcd125b3
+# %% ../nbs/06_server.ipynb #ebb066ae
 class StreamText:
     "Text of a growing token sequence, handed out in pieces that never change, ending before the first stop string."
     def __init__(self, tokenizer, stop=(), lock=None):
@@ -74,7 +74,7 @@ class StreamText:
         self._grow(final=True)
         return self._release(final=True)[0]
 
-# %% ../nbs/06_server.ipynb #51311ac9
+# %% ../nbs/06_server.ipynb #1c62e29f
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -91,18 +91,20 @@ def byte_tokenizer():
     tok.chat_template = CHATML
     return tok
 
-# %% ../nbs/06_server.ipynb #b3c2a1e0
+# %% ../nbs/06_server.ipynb #ba310556
 def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
     "One token id from `logits` `[vocab]`: greedy when `temperature` is 0, else nucleus sampling with `top_p`."
     if temperature == 0: return int(logits.argmax())
-    probs = torch.softmax((logits.float() - logits.max()) / temperature, -1)
+    logits = logits.double()  # float64: a temperature or top_p of 1e-300 is still a positive number
+    probs = torch.softmax((logits - logits.max()) / temperature, -1)
     if top_p < 1:
         p, order = probs.sort(descending=True)
-        p = p * ((p.cumsum(-1) - p) < top_p)  # the tokens before which the mass is still below top_p
-        return int(order[torch.multinomial(p, 1, generator=generator)])
+        keep = (p.cumsum(-1) - p) < top_p  # the tokens before which the mass is still below top_p
+        keep[0] = True
+        return int(order[torch.multinomial(p * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
-# %% ../nbs/06_server.ipynb #458a9b8d
+# %% ../nbs/06_server.ipynb #fae8ea2f
 COMPRESSIONS = (*PRESETS, "none")
 
 def cache_factory(model, compression="safe", key_bits=None, value_bits=None, **kwargs):
@@ -124,7 +126,7 @@ def kv_bytes(cache):
     r = cache.memory_report() if isinstance(cache, TinyKVCache) else _memory_report(cache)  # same count, any layers
     return r.held_bytes, r.uncompressed_bytes
 
-# %% ../nbs/06_server.ipynb #870c6300
+# %% ../nbs/06_server.ipynb #ef442794
 @dataclass
 class Job:
     "One request for the engine: prompts as token ids, `n` sequences each, sampling settings, and where events go."
@@ -167,7 +169,7 @@ class Cohort:
     held: int = 0
     uncompressed: int = 0
 
-# %% ../nbs/06_server.ipynb #2bdb00a5
+# %% ../nbs/06_server.ipynb #188ab1f5
 class QueueFull(Exception): "The engine cannot take another job now."
 
 def _cache_kwargs(model):
@@ -189,7 +191,7 @@ def eos_ids(model, tokenizer):
     for i in ids: flat |= set(i) if isinstance(i, (list, tuple)) else {i}
     return {int(i) for i in flat if i is not None}
 
-# %% ../nbs/06_server.ipynb #772c1976
+# %% ../nbs/06_server.ipynb #d34f1b15
 class Engine:
     "Owns the model; a background thread decodes all jobs in shared batched steps, each batch with its own KV cache."
     def __init__(self, model, tokenizer, make_cache=None, max_batch=16, max_queue=64, max_new_tokens_limit=1024,
@@ -217,7 +219,7 @@ class Engine:
     def __repr__(self):
         return f"Engine({type(self.model).__name__}, max_batch={self.max_batch}, max_queue={self.max_queue})"
 
-# %% ../nbs/06_server.ipynb #358a3030
+# %% ../nbs/06_server.ipynb #beb8ecf5
 def _rows_waiting(self): return sum(len(j.rows) for j in self._waiting)
 def _rows_active(self): return sum(len(c.rows) for c in self._cohorts)
 Engine.rows_waiting, Engine.rows_active = _rows_waiting, _rows_active
@@ -257,7 +259,7 @@ def _cancel(self:Engine, job):
 
 Engine.submit, Engine.cancel = _submit, _cancel
 
-# %% ../nbs/06_server.ipynb #b042a733
+# %% ../nbs/06_server.ipynb #84eaf533
 def _forward(self:Engine, ids, cohort):
     kw = {k: (cohort.cache if v is None else v) for k, v in self._kw.items()}
     out = self.model(input_ids=ids, attention_mask=cohort.mask, position_ids=cohort.pos, use_cache=True, **kw)
@@ -284,7 +286,7 @@ def _decode_step(self:Engine, cohort):
 
 Engine._forward, Engine._prefill, Engine._decode_step = _forward, _prefill, _decode_step
 
-# %% ../nbs/06_server.ipynb #6044b47b
+# %% ../nbs/06_server.ipynb #22f5bd62
 def _finish(self:Engine, row, reason):
     job = row.job
     if reason != "stop_string":
@@ -347,7 +349,7 @@ def _drop_finished(self:Engine, cohort):
 Engine._finish, Engine._fail, Engine._accept, Engine._advance, Engine._drop_finished = \
     _finish, _fail, _accept, _advance, _drop_finished
 
-# %% ../nbs/06_server.ipynb #bbf869dc
+# %% ../nbs/06_server.ipynb #ab656bc4
 def _admit(self:Engine):
     "Take waiting jobs, oldest first, while their rows fit the free slots."
     with self._cv:
@@ -392,7 +394,7 @@ def _loop(self:Engine):
 
 Engine._admit, Engine._run_cohort, Engine._loop = _admit, _run_cohort, _loop
 
-# %% ../nbs/06_server.ipynb #d3f69f86
+# %% ../nbs/06_server.ipynb #0d58a38d
 def _start(self:Engine):
     "Start the decode thread (once)."
     if self._thread is None or not self._thread.is_alive():
@@ -428,7 +430,7 @@ def _generate(self:Engine, prompts, timeout=600, **settings):
 
 Engine.start, Engine.close, Engine.generate = _start, _close, _generate
 
-# %% ../nbs/06_server.ipynb #e1d01e3c
+# %% ../nbs/06_server.ipynb #e267f807
 def _percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -455,7 +457,7 @@ def _metrics(self:Engine, window_s=10.0):
 
 Engine.metrics = _metrics
 
-# %% ../nbs/06_server.ipynb #713733c8
+# %% ../nbs/06_server.ipynb #04c78ec8
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -490,7 +492,7 @@ class CompletionRequest(_Sampling):
     "Body of `POST /v1/completions`: `prompt` is a string, a list of strings, token ids, or lists of token ids."
     prompt: Union[str, list[str], list[int], list[list[int]]]
 
-# %% ../nbs/06_server.ipynb #211880b2
+# %% ../nbs/06_server.ipynb #07ac2643
 class APIError(Exception):
     "An error answered with OpenAI's error JSON and HTTP status `status`."
     def __init__(self, status, message, param=None, code=None, type=None):
@@ -503,7 +505,7 @@ def error_response(status, message, param=None, code=None, type=None):
     e = APIError(status, message, param, code, type)
     return JSONResponse({"error": dict(message=e.message, type=e.type, param=e.param, code=e.code)}, status_code=status)
 
-# %% ../nbs/06_server.ipynb #699bbf6c
+# %% ../nbs/06_server.ipynb #4ab666d5
 def _text_of(content):
     if content is None or isinstance(content, str): return content or ""
     return "".join(p.text for p in content)
@@ -511,12 +513,18 @@ def _text_of(content):
 def _stops(stop):
     return tuple([stop] if isinstance(stop, str) else (stop or []))
 
+def _check_text(text, param):
+    try: text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON may carry lone surrogates ("\\ud800"), which no tokenizer takes
+        raise APIError(400, f"{param} is not valid Unicode text: {e.reason} at position {e.start}", param) from None
+    return text
+
 def chat_prompt(engine, messages):
     "Token ids of `messages` rendered with the tokenizer's chat template, ready for the assistant's answer."
     tok = engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
-    msgs = [{"role": m.role, "content": _text_of(m.content)} for m in messages]
+    msgs = [{"role": m.role, "content": _check_text(_text_of(m.content), f"messages.{i}.content")} for i, m in enumerate(messages)]
     try:
         with engine.tokenizer_lock: text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # templates raise on conversations they do not accept (e.g. roles out of order)
@@ -529,8 +537,9 @@ def completion_prompts(engine, prompt):
     if prompt and all(isinstance(t, int) for t in prompt): prompt = [prompt]
     if not prompt: raise APIError(400, "prompt is empty", "prompt")
     vocab, out = len(engine.tokenizer), []
-    for p in prompt:
+    for i, p in enumerate(prompt):
         if isinstance(p, str):
+            _check_text(p, f"prompt.{i}")
             with engine.tokenizer_lock: p = engine.tokenizer(p)["input_ids"]
         elif any(not 0 <= t < vocab for t in p):
             raise APIError(400, f"token ids must be in [0, {vocab}) for this model", "prompt")
@@ -559,7 +568,7 @@ def make_job(engine, body, prompts, default_max_tokens=None):
                temperature=1.0 if body.temperature is None else body.temperature,
                top_p=1.0 if body.top_p is None else body.top_p)
 
-# %% ../nbs/06_server.ipynb #7ee86ee4
+# %% ../nbs/06_server.ipynb #5d8d3cd1
 def _attach(job, loop):
     "Route `job`'s events into an asyncio queue of the running loop."
     events = asyncio.Queue()
@@ -620,7 +629,7 @@ async def _collect(engine, job, events, request):
             return None
     return texts, reasons, task.result()
 
-# %% ../nbs/06_server.ipynb #ef7e2253
+# %% ../nbs/06_server.ipynb #878a7a48
 def _openai_handlers(app):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -644,7 +653,7 @@ def _openai_handlers(app):
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
-# %% ../nbs/06_server.ipynb #56a1fdee
+# %% ../nbs/06_server.ipynb #ca452419
 def make_app(engine, model_name="model"):
     "The FastAPI app serving `engine` under OpenAI's paths, as model `model_name`."
     @contextlib.asynccontextmanager
@@ -711,7 +720,7 @@ def make_app(engine, model_name="model"):
 
     return app
 
-# %% ../nbs/06_server.ipynb #faf5a2c5
+# %% ../nbs/06_server.ipynb #e6f606b6
 @contextlib.contextmanager
 def serve(app, host="127.0.0.1", port=0, timeout=60):
     "Run `app` with uvicorn in a background thread (port 0: a free one); yields the base URL, stops the server on exit."
@@ -732,7 +741,7 @@ def serve(app, host="127.0.0.1", port=0, timeout=60):
         thread.join(timeout)
         sock.close()
 
-# %% ../nbs/06_server.ipynb #6ec8fcf4
+# %% ../nbs/06_server.ipynb #7fc9b9e0
 def _parser():
     p = argparse.ArgumentParser(prog="tiny-turboquant-server", description="OpenAI-compatible server with a compressed KV cache")
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
@@ -747,6 +756,7 @@ def _parser():
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded at once")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429s")
     p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
@@ -756,6 +766,7 @@ def build_app(args):
     "Load the model and build the app the command line `args` describe."
     from tiny_turboquant.models import DEFAULT_MODEL, load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads: torch.set_num_threads(args.threads)
     dtype = dict(float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16).get(args.dtype)
     if dtype is None: dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model, tok = load_model(args.model, dtype=dtype, device=device)
