@@ -11,7 +11,7 @@ __all__ = ['log', 'CHATML', 'COMPRESSIONS', 'StreamText', 'byte_tokenizer', 'sam
            'ChatRequest', 'CompletionRequest', 'APIError', 'error_response', 'chat_prompt', 'completion_prompts',
            'make_job', 'make_app', 'serve', 'build_app', 'main']
 
-# %% ../nbs/06_server.ipynb #49a16c94
+# %% ../nbs/06_server.ipynb #663f797b
 import argparse, asyncio, contextlib, inspect, json, logging, queue, random, socket, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ except ImportError as e:  # the server is an optional extra
 
 log = logging.getLogger("tiny_turboquant.server")
 
-# %% ../nbs/06_server.ipynb #ebb066ae
+# %% ../nbs/06_server.ipynb #fb893f56
 class StreamText:
     "Text of a growing token sequence, handed out in pieces that never change, ending before the first stop string."
     def __init__(self, tokenizer, stop=(), lock=None):
@@ -74,7 +74,7 @@ class StreamText:
         self._grow(final=True)
         return self._release(final=True)[0]
 
-# %% ../nbs/06_server.ipynb #1c62e29f
+# %% ../nbs/06_server.ipynb #f109f72f
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -91,7 +91,7 @@ def byte_tokenizer():
     tok.chat_template = CHATML
     return tok
 
-# %% ../nbs/06_server.ipynb #ba310556
+# %% ../nbs/06_server.ipynb #e1508f5a
 def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
     "One token id from `logits` `[vocab]`: greedy when `temperature` is 0, else nucleus sampling with `top_p`."
     if temperature == 0: return int(logits.argmax())
@@ -104,7 +104,7 @@ def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
         return int(order[torch.multinomial(p * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
-# %% ../nbs/06_server.ipynb #fae8ea2f
+# %% ../nbs/06_server.ipynb #50138257
 COMPRESSIONS = (*PRESETS, "none")
 
 def cache_factory(model, compression="safe", key_bits=None, value_bits=None, **kwargs):
@@ -126,7 +126,7 @@ def kv_bytes(cache):
     r = cache.memory_report() if isinstance(cache, TinyKVCache) else _memory_report(cache)  # same count, any layers
     return r.held_bytes, r.uncompressed_bytes
 
-# %% ../nbs/06_server.ipynb #ef442794
+# %% ../nbs/06_server.ipynb #5bd2d510
 @dataclass
 class Job:
     "One request for the engine: prompts as token ids, `n` sequences each, sampling settings, and where events go."
@@ -169,7 +169,7 @@ class Cohort:
     held: int = 0
     uncompressed: int = 0
 
-# %% ../nbs/06_server.ipynb #188ab1f5
+# %% ../nbs/06_server.ipynb #69920783
 class QueueFull(Exception): "The engine cannot take another job now."
 
 def _cache_kwargs(model):
@@ -191,7 +191,7 @@ def eos_ids(model, tokenizer):
     for i in ids: flat |= set(i) if isinstance(i, (list, tuple)) else {i}
     return {int(i) for i in flat if i is not None}
 
-# %% ../nbs/06_server.ipynb #d34f1b15
+# %% ../nbs/06_server.ipynb #0a53cc91
 class Engine:
     "Owns the model; a background thread decodes all jobs in shared batched steps, each batch with its own KV cache."
     def __init__(self, model, tokenizer, make_cache=None, max_batch=16, max_queue=64, max_new_tokens_limit=1024,
@@ -219,7 +219,7 @@ class Engine:
     def __repr__(self):
         return f"Engine({type(self.model).__name__}, max_batch={self.max_batch}, max_queue={self.max_queue})"
 
-# %% ../nbs/06_server.ipynb #beb8ecf5
+# %% ../nbs/06_server.ipynb #d924aa03
 def _rows_waiting(self): return sum(len(j.rows) for j in self._waiting)
 def _rows_active(self): return sum(len(c.rows) for c in self._cohorts)
 Engine.rows_waiting, Engine.rows_active = _rows_waiting, _rows_active
@@ -259,7 +259,7 @@ def _cancel(self:Engine, job):
 
 Engine.submit, Engine.cancel = _submit, _cancel
 
-# %% ../nbs/06_server.ipynb #84eaf533
+# %% ../nbs/06_server.ipynb #babcfb53
 def _forward(self:Engine, ids, cohort):
     kw = {k: (cohort.cache if v is None else v) for k, v in self._kw.items()}
     out = self.model(input_ids=ids, attention_mask=cohort.mask, position_ids=cohort.pos, use_cache=True, **kw)
@@ -286,7 +286,7 @@ def _decode_step(self:Engine, cohort):
 
 Engine._forward, Engine._prefill, Engine._decode_step = _forward, _prefill, _decode_step
 
-# %% ../nbs/06_server.ipynb #22f5bd62
+# %% ../nbs/06_server.ipynb #b4376a06
 def _finish(self:Engine, row, reason):
     job = row.job
     if reason != "stop_string":
@@ -349,7 +349,7 @@ def _drop_finished(self:Engine, cohort):
 Engine._finish, Engine._fail, Engine._accept, Engine._advance, Engine._drop_finished = \
     _finish, _fail, _accept, _advance, _drop_finished
 
-# %% ../nbs/06_server.ipynb #ab656bc4
+# %% ../nbs/06_server.ipynb #44da1a25
 def _admit(self:Engine):
     "Take waiting jobs, oldest first, while their rows fit the free slots."
     with self._cv:
@@ -394,7 +394,7 @@ def _loop(self:Engine):
 
 Engine._admit, Engine._run_cohort, Engine._loop = _admit, _run_cohort, _loop
 
-# %% ../nbs/06_server.ipynb #0d58a38d
+# %% ../nbs/06_server.ipynb #e264ca28
 def _start(self:Engine):
     "Start the decode thread (once)."
     if self._thread is None or not self._thread.is_alive():
@@ -430,7 +430,7 @@ def _generate(self:Engine, prompts, timeout=600, **settings):
 
 Engine.start, Engine.close, Engine.generate = _start, _close, _generate
 
-# %% ../nbs/06_server.ipynb #e267f807
+# %% ../nbs/06_server.ipynb #84057dc2
 def _percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -457,7 +457,7 @@ def _metrics(self:Engine, window_s=10.0):
 
 Engine.metrics = _metrics
 
-# %% ../nbs/06_server.ipynb #04c78ec8
+# %% ../nbs/06_server.ipynb #1701b63a
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -492,7 +492,7 @@ class CompletionRequest(_Sampling):
     "Body of `POST /v1/completions`: `prompt` is a string, a list of strings, token ids, or lists of token ids."
     prompt: Union[str, list[str], list[int], list[list[int]]]
 
-# %% ../nbs/06_server.ipynb #07ac2643
+# %% ../nbs/06_server.ipynb #a556de27
 class APIError(Exception):
     "An error answered with OpenAI's error JSON and HTTP status `status`."
     def __init__(self, status, message, param=None, code=None, type=None):
@@ -505,7 +505,7 @@ def error_response(status, message, param=None, code=None, type=None):
     e = APIError(status, message, param, code, type)
     return JSONResponse({"error": dict(message=e.message, type=e.type, param=e.param, code=e.code)}, status_code=status)
 
-# %% ../nbs/06_server.ipynb #4ab666d5
+# %% ../nbs/06_server.ipynb #f31374ed
 def _text_of(content):
     if content is None or isinstance(content, str): return content or ""
     return "".join(p.text for p in content)
@@ -568,7 +568,7 @@ def make_job(engine, body, prompts, default_max_tokens=None):
                temperature=1.0 if body.temperature is None else body.temperature,
                top_p=1.0 if body.top_p is None else body.top_p)
 
-# %% ../nbs/06_server.ipynb #5d8d3cd1
+# %% ../nbs/06_server.ipynb #26abe8f3
 def _attach(job, loop):
     "Route `job`'s events into an asyncio queue of the running loop."
     events = asyncio.Queue()
@@ -629,7 +629,7 @@ async def _collect(engine, job, events, request):
             return None
     return texts, reasons, task.result()
 
-# %% ../nbs/06_server.ipynb #878a7a48
+# %% ../nbs/06_server.ipynb #cb4397b6
 def _openai_handlers(app):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -638,6 +638,8 @@ def _openai_handlers(app):
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid": msg, loc = f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", []
+        elif not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            msg = "the body must be a JSON object, sent with Content-Type: application/json"
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
         return error_response(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}{more}", ".".join(loc) or None)
 
@@ -653,7 +655,7 @@ def _openai_handlers(app):
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
-# %% ../nbs/06_server.ipynb #ca452419
+# %% ../nbs/06_server.ipynb #c944c1df
 def make_app(engine, model_name="model"):
     "The FastAPI app serving `engine` under OpenAI's paths, as model `model_name`."
     @contextlib.asynccontextmanager
@@ -720,7 +722,7 @@ def make_app(engine, model_name="model"):
 
     return app
 
-# %% ../nbs/06_server.ipynb #e6f606b6
+# %% ../nbs/06_server.ipynb #873b862d
 @contextlib.contextmanager
 def serve(app, host="127.0.0.1", port=0, timeout=60):
     "Run `app` with uvicorn in a background thread (port 0: a free one); yields the base URL, stops the server on exit."
@@ -741,7 +743,7 @@ def serve(app, host="127.0.0.1", port=0, timeout=60):
         thread.join(timeout)
         sock.close()
 
-# %% ../nbs/06_server.ipynb #7fc9b9e0
+# %% ../nbs/06_server.ipynb #081afa04
 def _parser():
     p = argparse.ArgumentParser(prog="tiny-turboquant-server", description="OpenAI-compatible server with a compressed KV cache")
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
