@@ -18,6 +18,17 @@ from tiny_turboquant.cache import TinyKVCache
 from tiny_turboquant.distributed import all_ranks, check_cache_placement, kv_bytes_by_device, tp_local_heads
 
 DTYPES = dict(float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16)
+FUSED_CALLS = [0]
+
+
+def count_fused_calls():
+    "Count the fused kernel's calls (the attention function looks it up by name on every decode step)."
+    from tiny_turboquant import kernel
+    original = kernel.fused_decode_attention
+    def counted(*args, **kwargs):
+        FUSED_CALLS[0] += 1
+        return original(*args, **kwargs)
+    kernel.fused_decode_attention = counted
 
 
 def checkpoint_bytes(path):
@@ -61,28 +72,27 @@ def input_device(model):
     return model.get_input_embeddings().weight.device
 
 
+def gpus_of(model):
+    "The CUDA devices this process computes on (a rank touches only its own GPU under tensor parallelism)."
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+
+
 def synchronize(model):
-    if input_device(model).type == "cuda":
-        for i in range(torch.cuda.device_count()): torch.cuda.synchronize(i)
-
-
-def per_device_peak():
-    if not torch.cuda.is_available(): return {}
-    return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
-            if torch.cuda.memory_allocated(i)}
+    for d in gpus_of(model): torch.cuda.synchronize(d)
 
 
 @torch.no_grad()
 def generate(model, kind, args, logits_out):
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(input_device(model))
-    cache = make_cache(model, kind, args)
+    cache, calls = make_cache(model, kind, args), FUSED_CALLS[0]
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=args.new_tokens,
                          min_new_tokens=args.new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
                          pad_token_id=0)
     placement = [vars(p) for p in check_cache_placement(model, cache)]
     if logits_out is not None: logits_out[kind] = torch.stack(out.logits, 1)[0].float().cpu()
     return dict(tokens=out.sequences[0, args.prompt_tokens:].tolist(), placement=all_ranks(placement),
+                fused_kernel_calls=all_ranks(FUSED_CALLS[0] - calls),
                 kv_bytes_per_rank=all_ranks(kv_bytes_by_device(cache)))
 
 
@@ -91,9 +101,8 @@ def decode_speed(model, kind, context, args):
     "Prefill `context` random tokens, then time `args.steps` greedy one-token steps."
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
     ids = ids.to(input_device(model))
-    cache = make_cache(model, kind, args)
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()): torch.cuda.reset_peak_memory_stats(i)
+    cache, calls = make_cache(model, kind, args), FUSED_CALLS[0]
+    for d in gpus_of(model): torch.cuda.reset_peak_memory_stats(d)
     logits = model(ids, past_key_values=cache, logits_to_keep=1, use_cache=True).logits
     del ids
     tokens, step = [], logits[:, -1].argmax(-1, keepdim=True)
@@ -108,8 +117,9 @@ def decode_speed(model, kind, context, args):
     synchronize(model)
     seconds = time.perf_counter() - t0
     row = dict(cache=kind, context=context, steps=args.steps, tokens_per_s=args.steps / seconds,
-               ms_per_token=seconds / args.steps * 1e3, decode_tokens=tokens,
-               kv_bytes_per_rank=all_ranks(kv_bytes_by_device(cache)), peak_bytes_per_rank=all_ranks(per_device_peak()))
+               ms_per_token=seconds / args.steps * 1e3, decode_tokens=tokens, fused_kernel_calls=all_ranks(FUSED_CALLS[0] - calls),
+               kv_bytes_per_rank=all_ranks(kv_bytes_by_device(cache)),  # peak: prefill and decode, transients included
+               peak_bytes_per_rank=all_ranks({str(d): torch.cuda.max_memory_allocated(d) for d in gpus_of(model)}))
     del cache
     if torch.cuda.is_available(): torch.cuda.empty_cache()
     return row
@@ -137,6 +147,7 @@ def main():
     torch.set_grad_enabled(False)
     # past_key_values= is what transformers 5.17 (on the GPU machine) takes; 5.24 renamed it cache= and warns
     warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+    count_fused_calls()
     model = load(args)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     logits = {} if args.logits else None
