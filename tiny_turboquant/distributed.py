@@ -8,14 +8,14 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/distributed.html.md"""
 __all__ = ['tp_local_heads', 'LayerPlacement', 'decoder_layers', 'compute_device', 'cache_placement', 'check_cache_placement',
            'kv_bytes_by_device', 'all_ranks']
 
-# %% ../nbs/11_distributed.ipynb #a0b0c0d4
+# %% ../nbs/11_distributed.ipynb #bf3096b0
 from dataclasses import dataclass, asdict
 import torch
 import torch.distributed as dist
 from .cache import TinyKVCache, TinyKVLayer, _layer_memory
 from .window import _STORED
 
-# %% ../nbs/11_distributed.ipynb #6afca5f5
+# %% ../nbs/11_distributed.ipynb #8fe4249d
 def tp_local_heads(config, world_size):
     "(query heads, key/value heads) each of `world_size` tensor-parallel ranks computes and caches for `config`."
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -29,7 +29,7 @@ def tp_local_heads(config, world_size):
                          "layers over the GPUs instead (device_map=\"auto\")")
     return q // world_size, kv // world_size
 
-# %% ../nbs/11_distributed.ipynb #273a199e
+# %% ../nbs/11_distributed.ipynb #d784f67e
 @dataclass
 class LayerPlacement:
     "Where one cache layer's tensors live, against the device its decoder layer computes on."
@@ -86,7 +86,7 @@ def check_cache_placement(model, cache):
     if bad: raise ValueError("cache layers off their layer's device: " + "; ".join(bad))
     return rows
 
-# %% ../nbs/11_distributed.ipynb #d87dac31
+# %% ../nbs/11_distributed.ipynb #0fca2694
 def kv_bytes_by_device(cache):
     "`{device: bytes}` of key/value storage that `cache` (any transformers `Cache`) holds in this process."
     out = {}
