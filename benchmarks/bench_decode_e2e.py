@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from tiny_turboquant.cache import TinyKVCache
+from tiny_turboquant import kernel
 from tiny_turboquant.kernel import build_kernel
 
 B, LAYERS = 8, 8
@@ -84,14 +85,18 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_e2e_h200.json"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--contexts", default="16384,65536")
+    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PREFETCH=1")
     args = ap.parse_args()
-    build_kernel()
+    kernel.KERNEL_DEFINES = tuple(args.define)
+    build_kernel(defines=args.define)
     model = make_model()
     runs = []
+    out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
     for context in map(int, args.contexts.split(",")):
         for kind in ("dynamic", "tiny-fused", "tiny-pytorch"):
             r = run(model, kind, context, args.steps)
             runs.append(r)
+            out.with_suffix(".partial.json").write_text(json.dumps(runs, indent=1))
             print(f"ctx {context:6} {kind:13}: wall {r['wall_ms_per_token']:8.2f} ms/token, GPU {r['gpu_ms_per_token']:8.2f}, "
                   f"busy {r['gpu_busy_ms_per_token']:8.2f}, KV {r['kv_bytes'] / 2**30:6.2f} GiB, "
                   f"peak {r['peak_bytes'] / 2**30:6.2f} GiB (transient {r['transient_peak_bytes'] / 2**30:5.2f})", flush=True)
@@ -108,11 +113,11 @@ def main():
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   model="LlamaForCausalLM, Llama-3-8B shapes (4096 hidden, 32/8 heads, head_dim 128), 8 layers, random weights, bf16",
-                  runs=runs, summary=summary, cuda_graph="not measured: the decode step is not captured in a CUDA graph yet",
+                  kernel_defines=args.define, runs=runs, summary=summary, cuda_graph="not measured: the decode step is not captured in a CUDA graph yet",
                   quantized_cache=("timed" if quanto else "not measured: optimum-quanto is not installed on this machine "
                                    "(no network); tiny-pytorch is the dequantize-then-SDPA strategy for comparison"))
-    out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".partial.json").unlink()
     print("wrote", out)
 
 

@@ -4,9 +4,10 @@
 
 Shapes: Llama-3-8B (32 query / 8 KV heads) and Qwen2.5-7B (28 / 4), head_dim 128; batch 1, 8, 32; contexts 4k, 16k,
 64k, 128k. The cache is filled with random codes, scales and a full window (random data: timing does not depend on
-values). In the same run: the device-to-device copy bandwidth (bytes read + written), torch SDPA over fp16 K/V
+values). Kernel times are CUDA-graph replays (GPU time without the host's launch overhead; `ours_eager_us` is one
+eager call, host included). In the same run: the device-to-device copy bandwidth (bytes read + written), torch SDPA over fp16 K/V
 (with enable_gqa, and with the query heads of a KV head packed as queries; the faster is the fp16 floor), dequantize
-+ SDPA (what a quantized cache without a kernel does each step), and transformers' QuantizedCache if quanto is
++ SDPA (what a quantized cache without a kernel does each step, timed eagerly), and transformers' QuantizedCache if quanto is
 installed. Each time is the median of `--reps` calls timed with CUDA events after warm-up.
 """
 import argparse, datetime, importlib.util, json, platform
@@ -27,6 +28,18 @@ def median_us(f, reps):
         a.record(); f(); b.record(); b.synchronize()
         times.append(a.elapsed_time(b) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def graph_us(f, reps):
+    "Median time of one replay of `f` captured in a CUDA graph: GPU time without the host's launch overhead."
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2): f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g): f()
+    return median_us(g.replay, reps)
 
 
 def copy_GBps(reps):
@@ -56,21 +69,23 @@ def stored_bytes(h):
                                                       h.value_scale, h.value_zero, h.window_keys, h.window_values))
 
 
-def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant):
+def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=()):
     Hq, Hkv, D = SHAPES[shape]
     G = Hq // Hkv
     h = random_history(B, Hkv, D, context, *bits)
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
-    out = fused_decode_attention(q, h)
+    attend = lambda: fused_decode_attention(q, h, defines=defines)
+    out = attend()
     err = None
     if B * Hkv * context <= 8 * 8 * 16384:  # the float64 reference needs memory; check the smaller shapes
         ref = reference_decode_attention(q, h)
         err = ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
-    t_ours = median_us(lambda: fused_decode_attention(q, h), reps)
+    t_ours_eager = median_us(attend, reps)
+    t_ours = graph_us(attend, reps)
     k = torch.randn(B, Hkv, context, D, device="cuda", dtype=torch.float16); v = torch.randn_like(k)
-    t_gqa = median_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+    t_gqa = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
     qp = q.reshape(B, Hkv, G, D)
-    t_packed = median_us(lambda: F.scaled_dot_product_attention(qp, k, v), reps)
+    t_packed = graph_us(lambda: F.scaled_dot_product_attention(qp, k, v), reps)
     del k, v
     t_deq = None
     if with_dequant:
@@ -82,7 +97,7 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant):
     ours_bytes = stored_bytes(h) + 2 * q.numel() * q.element_size()
     fp16_bytes = 2 * B * Hkv * context * D * 2 + 2 * q.numel() * q.element_size()
     row = dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", heads=f"{Hq}/{Hkv}", head_dim=D,
-               ours_us=t_ours, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq,
+               ours_us=t_ours, ours_eager_us=t_ours_eager, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq,
                speedup_vs_sdpa=t_sdpa / t_ours, ours_bytes=ours_bytes, fp16_bytes=fp16_bytes,
                ours_GBps=ours_bytes / t_ours / 1e3, sdpa_GBps=fp16_bytes / t_sdpa / 1e3,
                fraction_of_copy=ours_bytes / t_ours / 1e3 / copy_bw, sdpa_fraction_of_copy=fp16_bytes / t_sdpa / 1e3 / copy_bw,
@@ -118,8 +133,9 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200.json"))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PREFETCH=0")
     args = ap.parse_args()
-    build_kernel()
+    build_kernel(defines=args.define)
     copy_bw = copy_GBps(args.reps)
     print(f"device-to-device copy: {copy_bw:.0f} GB/s", flush=True)
     configs = [(s, B, c, (4, 4)) for s in SHAPES for B in (1, 8, 32) for c in (4096, 16384, 65536, 131072)]
@@ -127,17 +143,18 @@ def main():
     if args.quick: configs = [c for c in configs if c[1] == 8 and c[2] in (16384, 65536)]
     rows = []
     for shape, B, ctx, bits in configs:
-        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536)
+        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536 and not args.quick,
+                      defines=args.define)
         rows.append(r)
         print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
-              f"{r['fraction_of_copy']:.2f} of copy), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
+              f"{r['fraction_of_copy']:.2f} of copy; eager {r['ours_eager_us']:6.1f}), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
               + (f", dequant+SDPA {r['dequant_sdpa_us']:8.1f} us" if r["dequant_sdpa_us"] else "")
               + (f", err {r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else ""), flush=True)
     quanto = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
     result = dict(
         device=torch.cuda.get_device_name(0), sms=torch.cuda.get_device_properties(0).multi_processor_count,
         torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
-        copy_GBps=copy_bw, reps=args.reps, attention=rows,
+        copy_GBps=copy_bw, reps=args.reps, kernel_defines=args.define, attention=rows,
         quantized_cache=("transformers QuantizedCache (quanto) timed" if quanto else
                          "not measured: optimum-quanto is not installed on this machine (no network to install it); "
                          "dequant_sdpa_us is the same strategy (dequantize the history, then SDPA) without quanto's own kernels"),

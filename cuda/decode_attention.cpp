@@ -9,6 +9,7 @@ namespace {
 void check_layout(const at::Tensor& t, const char* name, int64_t dim, const at::Device& dev) {
   TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got ", t.sizes());
+  if (t.numel() == 0) return;  // nothing is read
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dim");
   if (dim == 4 && t.size(2) > 1) TORCH_CHECK(t.stride(2) == t.size(3), name, " must have rows packed along the token axis");
   // every row start 16-byte aligned so the kernels can use vector loads
@@ -24,7 +25,7 @@ void check_layout(const at::Tensor& t, const char* name, int64_t dim, const at::
 at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_scale, at::Tensor key_zero,
                             at::Tensor value_codes, at::Tensor value_scale, at::Tensor value_zero,
                             at::Tensor window_keys, at::Tensor window_values, c10::optional<at::Tensor> mask,
-                            int64_t key_bits, int64_t value_bits, double scale) {
+                            int64_t key_bits, int64_t value_bits, double scale, bool float_output) {
   const at::Device dev = q.device();
   TORCH_CHECK(dev.is_cuda(), "decode_attention needs CUDA tensors, got ", dev);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "query must be float16 or bfloat16, got ", q.scalar_type());
@@ -57,6 +58,9 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     vgroups = value_scale.size(3);
     TORCH_CHECK(value_scale.size(2) == nq && value_scale.stride(2) == vgroups && value_zero.sizes() == value_scale.sizes() &&
                 value_zero.strides() == value_scale.strides(), "value scale/zero shape mismatch");
+    TORCH_CHECK(vgroups > 1 || (reinterpret_cast<uintptr_t>(value_scale.data_ptr()) % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(value_zero.data_ptr()) % 4 == 0 && value_scale.stride(0) % 2 == 0 &&
+                value_scale.stride(1) % 2 == 0), "value scale/zero rows must be 4-byte aligned");
     TORCH_CHECK(D % vgroups == 0 && (vgroups == 1 || (D / vgroups) % (D / 8) == 0),
                 "value groups must span at least head_dim/8 channels, got ", vgroups, " groups of ", D);
   }
@@ -66,7 +70,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   }
 
   const at::cuda::CUDAGuard guard(dev);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // cached by torch
+  static int occupancy[3][3][3] = {};  // blocks per SM for each (head_dim, key_bits, value_bits); asked once
+  int& occ = occupancy[D == 64 ? 0 : D == 128 ? 1 : 2][key_bits - 2][value_bits - 2];
+  if (occ == 0) occ = decode_blocks_per_sm(int(D), int(key_bits), int(value_bits));
   DecodeParams p{};
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
   p.kc = key_codes.data_ptr<uint8_t>(); p.kc_sb = key_codes.stride(0); p.kc_sh = key_codes.stride(1);
@@ -83,11 +90,20 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.B = B; p.Hkv = Hkv; p.G = Hq / Hkv; p.D = D; p.key_bits = key_bits; p.value_bits = value_bits;
   p.nq = nq; p.nw = nw;
   p.head_groups = (p.G + 7) / 8;
-  // split-K: aim for about 4 blocks per multiprocessor; at least 2 key blocks per split so all 4 warps have work
+  // split-K: pick the number of splits per (row, kv head) so the blocks fill whole waves of the GPU (at least 90% of
+  // the resident slots busy), with at least 2 key blocks per split so every warp has a few chunks to pipeline
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
   if (ntiles > 0) {
-    const int64_t want = std::max<int64_t>(1, (4 * sms + rows - 1) / rows);
-    const int64_t tps = std::max<int64_t>(std::min<int64_t>(2, ntiles), (ntiles + want - 1) / want);
+    const int64_t resident = int64_t(sms) * occ;
+    const int64_t max_splits = std::max<int64_t>(1, ntiles / 2);
+    int64_t best = 1; double best_eff = 0;
+    for (int64_t s = 1; s <= max_splits; ++s) {
+      const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
+      const double eff = double(blocks) / double(waves * resident);
+      if (eff > best_eff + 1e-9) { best = s; best_eff = eff; }
+      if (eff >= 0.9) break;
+    }
+    const int64_t tps = (ntiles + best - 1) / best;
     p.tiles_per_split = tps; p.q_splits = (ntiles + tps - 1) / tps;
   }
   p.w_splits = (nw + 63) / 64;
@@ -96,7 +112,8 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor o_part = at::empty({B, Hq, p.parts, D}, f32), ml_part = at::empty({B, Hq, p.parts, 2}, f32);
-  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
+  p.out_f32 = float_output;
   p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();
   p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sh = out.stride(1);
   const cudaError_t err = launch_decode_attention(p, at::cuda::getCurrentCUDAStream());

@@ -19,6 +19,16 @@
 
 namespace {
 
+// Variants, chosen by benchmarks/bench_kernel.py --define (the defaults are the fastest measured on an H200):
+#ifndef TT_PREFETCH
+#define TT_PREFETCH 0  // 1: double-buffered chunks (loads of the next chunk in flight while computing this one)
+#endif
+#ifndef TT_MT
+#define TT_MT 2        // 16-token mma tiles per chunk; 0: 4 (2 for head_dim 256), halved with TT_PREFETCH
+#endif
+#ifndef TT_MIN_BLOCKS
+#define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread)
+#endif
 constexpr int WARPS = 4;
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
@@ -138,13 +148,72 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
+// The full-precision window: CUDA cores in fp32, one token at a time per warp (at most a few hundred tokens).
+template <int D>
+__device__ __forceinline__ void window_part(const DecodeParams& p, int split) {
+  constexpr int PER = D / 32;  // channels per lane
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
+  const int GH = min(MAX_HEADS, p.G - h0);
+  const bool bf16 = p.is_bf16;
+  const int t_lo = split * WINDOW_SPLIT + warp * (WINDOW_SPLIT / WARPS);
+  const int t_hi = min(p.nw, t_lo + WINDOW_SPLIT / WARPS);
+  const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
+  const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
+  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
+
+  float qf[MAX_HEADS][PER], o[MAX_HEADS][PER], m[MAX_HEADS], l[MAX_HEADS];
+#pragma unroll
+  for (int g = 0; g < MAX_HEADS; ++g) {
+    const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(g, GH - 1)) * p.q_sh + lane * PER;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) { qf[g][i] = to_float(qrow[i], bf16) * p.scale_log2; o[g][i] = 0.f; }
+    m[g] = -INFINITY; l[g] = 0.f;
+  }
+  for (int t = t_lo; t < t_hi; ++t) {
+    float kf[PER], vf[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) { kf[i] = to_float(wk[t * p.wk_st + i], bf16); vf[i] = to_float(wv[t * p.wv_st + i], bf16); }
+    const bool valid = !mask || mask[t];
+#pragma unroll
+    for (int g = 0; g < MAX_HEADS; ++g) {
+      if (g < GH) {
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        const float sc = valid ? dot : -INFINITY;
+        const float mn = fmaxf(m[g], sc);
+        const float alpha = mn == -INFINITY ? 1.f : exp2f(m[g] - mn);
+        const float pr = sc == -INFINITY ? 0.f : exp2f(sc - mn);
+        l[g] = l[g] * alpha + pr;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) o[g][i] = fmaf(o[g][i], alpha, pr * vf[i]);
+        m[g] = mn;
+      }
+    }
+  }
+  const int part = (p.q_splits + split) * WARPS + warp;
+#pragma unroll
+  for (int g = 0; g < MAX_HEADS; ++g) {
+    if (g < GH) {
+      const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
+      if (lane == 0) { p.ml_part[2 * base] = m[g]; p.ml_part[2 * base + 1] = l[g]; }
+#pragma unroll
+      for (int i = 0; i < PER; ++i) p.o_part[base * D + lane * PER + i] = o[g][i];
+    }
+  }
+}
+
 template <int D, int KB, int VB>
-__global__ void __launch_bounds__(WARPS * 32) quantized_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
   constexpr int SEGK = D / 4, SEGK_B = SEGK * KB / 8;  // a lane's slice of a key row: channels, bytes
   constexpr int SEGV = D / 8, SEGV_B = SEGV * VB / 8;  // a lane's slice of a value row
   constexpr int NP = D / 8;                            // key channel pairs per lane
   constexpr int NMV = D / 16;                          // value channel tiles (mma m = 16 channels)
-  constexpr int MT = D == 256 ? 2 : 4, CH = 16 * MT, CPT = TILE / CH;  // 16-token mma tiles per chunk
+  constexpr int MT = TT_MT ? TT_MT : (D == 256 ? 2 : 4) / (TT_PREFETCH ? 2 : 1), CH = 16 * MT, CPT = TILE / CH;  // 16-token mma tiles per chunk
+  if (int(blockIdx.x) >= p.q_splits) { window_part<D>(p, blockIdx.x - p.q_splits); return; }  // same launch
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
@@ -172,7 +241,38 @@ __global__ void __launch_bounds__(WARPS * 32) quantized_kernel(const DecodeParam
   float bias[2] = {0.f, 0.f};
   int cur_tile = -1;
 
-  for (int c = c_begin; c < c_end; ++c) {
+  // Chunk buffers: the loads of chunk c+1 are issued before chunk c is computed, so each warp always has a chunk of
+  // bytes in flight while it does arithmetic.
+  struct Chunk {
+    Words<SEGK_B> kw[MT][2];
+    Words<SEGV_B> vw[MT][4];
+    uint32_t vsc[MT][2], vzr[MT][2];
+  };
+  auto load_chunk = [&](Chunk& ch, int tok0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        load_words<SEGK_B>(kc + int64_t(tok0 + 16 * mt + gid + 8 * r) * (D * KB / 8) + tig * SEGK_B, ch.kw[mt][r]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        load_words<SEGV_B>(vc + int64_t(tok0 + 16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1)) * (D * VB / 8) + gid * SEGV_B, ch.vw[mt][r]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t ta = int64_t(tok0 + 16 * mt + 2 * tig + 8 * r) * p.vgroups + vgroup;
+        const unsigned short* s16 = reinterpret_cast<const unsigned short*>(vs);
+        const unsigned short* z16 = reinterpret_cast<const unsigned short*>(vz);
+        if (p.vgroups == 1) {  // the two tokens' scales are adjacent: one 4-byte load
+          ch.vsc[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(s16 + ta));
+          ch.vzr[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(z16 + ta));
+        } else {
+          ch.vsc[mt][r] = uint32_t(__ldg(s16 + ta)) | (uint32_t(__ldg(s16 + ta + p.vgroups)) << 16);
+          ch.vzr[mt][r] = uint32_t(__ldg(z16 + ta)) | (uint32_t(__ldg(z16 + ta + p.vgroups)) << 16);
+        }
+      }
+    }
+  };
+  auto compute_chunk = [&](Chunk& ch, int c) {
     const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
@@ -215,47 +315,32 @@ __global__ void __launch_bounds__(WARPS * 32) quantized_kernel(const DecodeParam
       bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
     }
 
-    // --- loads for the whole chunk first, so many bytes are in flight ---
-    Words<SEGK_B> kw[MT][2];
-    Words<SEGV_B> vw[MT][4];
-    uint32_t vsc[MT][2], vzr[MT][2];
+    if (bf16) {  // value scales and zeros of bf16 models become fp16 for the fp16 dequantization
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-        load_words<SEGK_B>(kc + int64_t(tok0 + 16 * mt + gid + 8 * r) * (D * KB / 8) + tig * SEGK_B, kw[mt][r]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        load_words<SEGV_B>(vc + int64_t(tok0 + 16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1)) * (D * VB / 8) + gid * SEGV_B, vw[mt][r]);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t ta = int64_t(tok0 + 16 * mt + 2 * tig + 8 * r) * p.vgroups + vgroup;
-        const uint16_t sa = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vs) + ta), bf16);
-        const uint16_t sb = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vs) + ta + p.vgroups), bf16);
-        const uint16_t za = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vz) + ta), bf16);
-        const uint16_t zb = half_bits_of(__ldg(reinterpret_cast<const unsigned short*>(vz) + ta + p.vgroups), bf16);
-        vsc[mt][r] = uint32_t(sa) | (uint32_t(sb) << 16);
-        vzr[mt][r] = uint32_t(za) | (uint32_t(zb) << 16);
-      }
+        for (int r = 0; r < 2; ++r) {
+          ch.vsc[mt][r] = uint32_t(half_bits_of(uint16_t(ch.vsc[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(ch.vsc[mt][r] >> 16), true)) << 16);
+          ch.vzr[mt][r] = uint32_t(half_bits_of(uint16_t(ch.vzr[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(ch.vzr[mt][r] >> 16), true)) << 16);
+        }
     }
-
     // --- scores: rows = 16 tokens, cols = 8 heads, per mma tile ---
     float s[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      float cc[4] = {0.f, 0.f, 0.f, 0.f};
+      float cc[4] = {0.f, 0.f, 0.f, 0.f}, cl[4] = {0.f, 0.f, 0.f, 0.f};  // two chains of mma, hi and lo parts
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t a0 = key_pair<KB>(kw[mt][0].w, 2 * kk), a1 = key_pair<KB>(kw[mt][1].w, 2 * kk);
-        const uint32_t a2 = key_pair<KB>(kw[mt][0].w, 2 * kk + 1), a3 = key_pair<KB>(kw[mt][1].w, 2 * kk + 1);
+        const uint32_t a0 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk), a1 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk);
+        const uint32_t a2 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk + 1), a3 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk + 1);
         const __half2 k1024 = __float2half2_rn(1024.f);
         const uint32_t c0 = h2_bits(__hsub2(bits_h2(a0), k1024)), c1 = h2_bits(__hsub2(bits_h2(a1), k1024));
         const uint32_t c2 = h2_bits(__hsub2(bits_h2(a2), k1024)), c3 = h2_bits(__hsub2(bits_h2(a3), k1024));
         mma16816(cc, c0, c1, c2, c3, qh[2 * kk], qh[2 * kk + 1]);
-        mma16816(cc, c0, c1, c2, c3, ql[2 * kk], ql[2 * kk + 1]);
+        mma16816(cl, c0, c1, c2, c3, ql[2 * kk], ql[2 * kk + 1]);
       }
-      s[mt][0] = cc[0] + bias[0]; s[mt][1] = cc[1] + bias[1];
-      s[mt][2] = cc[2] + bias[0]; s[mt][3] = cc[3] + bias[1];
+      s[mt][0] = cc[0] + cl[0] + bias[0]; s[mt][1] = cc[1] + cl[1] + bias[1];
+      s[mt][2] = cc[2] + cl[2] + bias[0]; s[mt][3] = cc[3] + cl[3] + bias[1];
       if (mask) {
         if (!mask[tok0 + 16 * mt + gid]) s[mt][0] = s[mt][1] = -INFINITY;
         if (!mask[tok0 + 16 * mt + gid + 8]) s[mt][2] = s[mt][3] = -INFINITY;
@@ -292,18 +377,36 @@ __global__ void __launch_bounds__(WARPS * 32) quantized_kernel(const DecodeParam
     for (int mt = 0; mt < MT; ++mt) {
       const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
       const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2], s[mt][3])));  // tokens 8+2tig..
-      const __half2 s01 = bits_h2(vsc[mt][0]), z01 = bits_h2(vzr[mt][0]);
-      const __half2 s89 = bits_h2(vsc[mt][1]), z89 = bits_h2(vzr[mt][1]);
+      const __half2 s01 = bits_h2(ch.vsc[mt][0]), z01 = bits_h2(ch.vzr[mt][0]);
+      const __half2 s89 = bits_h2(ch.vsc[mt][1]), z89 = bits_h2(ch.vzr[mt][1]);
 #pragma unroll
       for (int mv = 0; mv < NMV; ++mv) {
         uint32_t lo01, hi01, lo89, hi89;
-        value_pairs<VB>(vw[mt][0].w, vw[mt][1].w, mv, lo01, hi01);
-        value_pairs<VB>(vw[mt][2].w, vw[mt][3].w, mv, lo89, hi89);
+        value_pairs<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
+        value_pairs<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
         mma16816(acc[mv], dequant2(lo01, s01, z01), dequant2(hi01, s01, z01),
                  dequant2(lo89, s89, z89), dequant2(hi89, s89, z89), b0, b1);
       }
     }
+  };
+
+#if TT_PREFETCH
+  Chunk buf0, buf1;
+  if (c_begin < c_end) load_chunk(buf0, c_begin * CH);
+  for (int c = c_begin; c < c_end; c += 2) {
+    if (c + 1 < c_end) load_chunk(buf1, (c + 1) * CH);
+    compute_chunk(buf0, c);
+    if (c + 1 >= c_end) break;
+    if (c + 2 < c_end) load_chunk(buf0, (c + 2) * CH);
+    compute_chunk(buf1, c + 1);
   }
+#else
+  for (int c = c_begin; c < c_end; ++c) {
+    Chunk buf;
+    load_chunk(buf, c * CH);
+    compute_chunk(buf, c);
+  }
+#endif
 
   // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
   const int part = blockIdx.x * WARPS + warp;
@@ -321,64 +424,6 @@ __global__ void __launch_bounds__(WARPS * 32) quantized_kernel(const DecodeParam
   }
 }
 
-// The full-precision window: CUDA cores in fp32, one token at a time per warp (at most a few hundred tokens).
-template <int D>
-__global__ void __launch_bounds__(WARPS * 32) window_kernel(const DecodeParams p) {
-  constexpr int PER = D / 32;  // channels per lane
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
-  const int GH = min(MAX_HEADS, p.G - h0);
-  const bool bf16 = p.is_bf16;
-  const int t_lo = blockIdx.x * WINDOW_SPLIT + warp * (WINDOW_SPLIT / WARPS);
-  const int t_hi = min(p.nw, t_lo + WINDOW_SPLIT / WARPS);
-  const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
-  const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
-  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
-
-  float qf[MAX_HEADS][PER], o[MAX_HEADS][PER], m[MAX_HEADS], l[MAX_HEADS];
-#pragma unroll
-  for (int g = 0; g < MAX_HEADS; ++g) {
-    const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(g, GH - 1)) * p.q_sh + lane * PER;
-#pragma unroll
-    for (int i = 0; i < PER; ++i) { qf[g][i] = to_float(qrow[i], bf16) * p.scale_log2; o[g][i] = 0.f; }
-    m[g] = -INFINITY; l[g] = 0.f;
-  }
-  for (int t = t_lo; t < t_hi; ++t) {
-    float kf[PER], vf[PER];
-#pragma unroll
-    for (int i = 0; i < PER; ++i) { kf[i] = to_float(wk[t * p.wk_st + i], bf16); vf[i] = to_float(wv[t * p.wv_st + i], bf16); }
-    const bool valid = !mask || mask[t];
-#pragma unroll
-    for (int g = 0; g < MAX_HEADS; ++g) {
-      if (g < GH) {
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float sc = valid ? dot : -INFINITY;
-        const float mn = fmaxf(m[g], sc);
-        const float alpha = mn == -INFINITY ? 1.f : exp2f(m[g] - mn);
-        const float pr = sc == -INFINITY ? 0.f : exp2f(sc - mn);
-        l[g] = l[g] * alpha + pr;
-#pragma unroll
-        for (int i = 0; i < PER; ++i) o[g][i] = fmaf(o[g][i], alpha, pr * vf[i]);
-        m[g] = mn;
-      }
-    }
-  }
-  const int part = (p.q_splits + blockIdx.x) * WARPS + warp;
-#pragma unroll
-  for (int g = 0; g < MAX_HEADS; ++g) {
-    if (g < GH) {
-      const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
-      if (lane == 0) { p.ml_part[2 * base] = m[g]; p.ml_part[2 * base + 1] = l[g]; }
-#pragma unroll
-      for (int i = 0; i < PER; ++i) p.o_part[base * D + lane * PER + i] = o[g][i];
-    }
-  }
-}
-
 // out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head.
 __global__ void combine_kernel(const DecodeParams p) {
   const int bh = blockIdx.x, d = threadIdx.x, Hq = p.Hkv * p.G;
@@ -386,9 +431,11 @@ __global__ void combine_kernel(const DecodeParams p) {
   const float* ml = p.ml_part + int64_t(bh) * p.parts * 2;
   const float* o = p.o_part + int64_t(bh) * p.parts * p.D;
   float M = -INFINITY;
+#pragma unroll 8
   for (int i = 0; i < p.parts; ++i) M = fmaxf(M, ml[2 * i]);
   float L = 0.f, acc = 0.f;
   if (M != -INFINITY) {
+#pragma unroll 8
     for (int i = 0; i < p.parts; ++i) {
       const float mi = ml[2 * i];
       if (mi == -INFINITY) continue;
@@ -398,12 +445,14 @@ __global__ void combine_kernel(const DecodeParams p) {
     }
   }
   const float r = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
-  static_cast<uint16_t*>(p.out)[b * p.out_sb + int64_t(h) * p.out_sh + d] = from_float(r, p.is_bf16);
+  const int64_t o_idx = b * p.out_sb + int64_t(h) * p.out_sh + d;
+  if (p.out_f32) static_cast<float*>(p.out)[o_idx] = r;
+  else static_cast<uint16_t*>(p.out)[o_idx] = from_float(r, p.is_bf16);
 }
 
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.q_splits, p.Hkv * p.head_groups, p.B);
+  const dim3 grid(p.q_splits + p.w_splits, p.Hkv * p.head_groups, p.B);
   quantized_kernel<D, KB, VB><<<grid, WARPS * 32, 0, stream>>>(p);
 }
 template <int D, int KB>
@@ -418,29 +467,35 @@ void dispatch_kb(const DecodeParams& p, cudaStream_t s) {
   else if (p.key_bits == 3) dispatch_vb<D, 3>(p, s);
   else dispatch_vb<D, 4>(p, s);
 }
+template <int D, int KB>
+const void* pick_vb(int vb) {
+  if (vb == 2) return reinterpret_cast<const void*>(&quantized_kernel<D, KB, 2>);
+  if (vb == 3) return reinterpret_cast<const void*>(&quantized_kernel<D, KB, 3>);
+  return reinterpret_cast<const void*>(&quantized_kernel<D, KB, 4>);
+}
 template <int D>
-void launch_window(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.w_splits, p.Hkv * p.head_groups, p.B);
-  window_kernel<D><<<grid, WARPS * 32, 0, stream>>>(p);
+const void* pick_kb(int kb, int vb) {
+  if (kb == 2) return pick_vb<D, 2>(vb);
+  if (kb == 3) return pick_vb<D, 3>(vb);
+  return pick_vb<D, 4>(vb);
 }
 
 }  // namespace
 
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits) {
+  const void* f = head_dim == 64 ? pick_kb<64>(key_bits, value_bits)
+                : head_dim == 128 ? pick_kb<128>(key_bits, value_bits) : pick_kb<256>(key_bits, value_bits);
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, f, WARPS * 32, 0) != cudaSuccess) return 1;
+  return n > 0 ? n : 1;
+}
+
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q_splits > 0) {
-    if (p.D == 64) dispatch_kb<64>(p, stream);
-    else if (p.D == 128) dispatch_kb<128>(p, stream);
-    else dispatch_kb<256>(p, stream);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  if (p.w_splits > 0) {
-    if (p.D == 64) launch_window<64>(p, stream);
-    else if (p.D == 128) launch_window<128>(p, stream);
-    else launch_window<256>(p, stream);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
+  if (p.D == 64) dispatch_kb<64>(p, stream);  // one launch: quantized splits, then window splits (blockIdx.x)
+  else if (p.D == 128) dispatch_kb<128>(p, stream);
+  else dispatch_kb<256>(p, stream);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
   combine_kernel<<<p.B * p.Hkv * p.G, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }

@@ -24,8 +24,12 @@ struct DecodeParams {
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
   float* o_part; float* ml_part;           // [B, Hq, parts, D] and [B, Hq, parts, 2] (running max, sum)
-  void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype
+  void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype (float32 when out_f32)
+  int out_f32;
 };
+
+// How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once.
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits);
 
 // Launches the split kernels and the combine kernel on `stream`; returns the first CUDA error.
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
