@@ -11,7 +11,7 @@ __all__ = ['log', 'CHATML', 'COMPRESSIONS', 'StreamText', 'byte_tokenizer', 'sam
            'ChatRequest', 'CompletionRequest', 'APIError', 'error_response', 'chat_prompt', 'completion_prompts',
            'make_job', 'make_app', 'serve', 'build_app', 'main']
 
-# %% ../nbs/06_server.ipynb #663f797b
+# %% ../nbs/06_server.ipynb #2e6a66bd
 import argparse, asyncio, contextlib, inspect, json, logging, queue, random, socket, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ except ImportError as e:  # the server is an optional extra
 
 log = logging.getLogger("tiny_turboquant.server")
 
-# %% ../nbs/06_server.ipynb #fb893f56
+# %% ../nbs/06_server.ipynb #98acb7ba
 class StreamText:
     "Text of a growing token sequence, handed out in pieces that never change, ending before the first stop string."
     def __init__(self, tokenizer, stop=(), lock=None):
@@ -74,7 +74,7 @@ class StreamText:
         self._grow(final=True)
         return self._release(final=True)[0]
 
-# %% ../nbs/06_server.ipynb #f109f72f
+# %% ../nbs/06_server.ipynb #52422740
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -91,7 +91,7 @@ def byte_tokenizer():
     tok.chat_template = CHATML
     return tok
 
-# %% ../nbs/06_server.ipynb #e1508f5a
+# %% ../nbs/06_server.ipynb #7d146f95
 def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
     "One token id from `logits` `[vocab]`: greedy when `temperature` is 0, else nucleus sampling with `top_p`."
     if temperature == 0: return int(logits.argmax())
@@ -104,7 +104,7 @@ def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
         return int(order[torch.multinomial(p * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
-# %% ../nbs/06_server.ipynb #50138257
+# %% ../nbs/06_server.ipynb #e2e1192c
 COMPRESSIONS = (*PRESETS, "none")
 
 def cache_factory(model, compression="safe", key_bits=None, value_bits=None, **kwargs):
@@ -126,7 +126,7 @@ def kv_bytes(cache):
     r = cache.memory_report() if isinstance(cache, TinyKVCache) else _memory_report(cache)  # same count, any layers
     return r.held_bytes, r.uncompressed_bytes
 
-# %% ../nbs/06_server.ipynb #5bd2d510
+# %% ../nbs/06_server.ipynb #eec685c2
 @dataclass
 class Job:
     "One request for the engine: prompts as token ids, `n` sequences each, sampling settings, and where events go."
@@ -166,10 +166,12 @@ class Cohort:
     mask: torch.Tensor
     pos: torch.Tensor
     next_ids: torch.Tensor = None
-    held: int = 0
+    held: int = 0            # bytes the cache holds, and would hold uncompressed, when last measured
     uncompressed: int = 0
+    measured_at: float = 0.0
+    measured_rows: int = 0
 
-# %% ../nbs/06_server.ipynb #69920783
+# %% ../nbs/06_server.ipynb #697462b0
 class QueueFull(Exception): "The engine cannot take another job now."
 
 def _cache_kwargs(model):
@@ -191,7 +193,7 @@ def eos_ids(model, tokenizer):
     for i in ids: flat |= set(i) if isinstance(i, (list, tuple)) else {i}
     return {int(i) for i in flat if i is not None}
 
-# %% ../nbs/06_server.ipynb #0a53cc91
+# %% ../nbs/06_server.ipynb #43545e66
 class Engine:
     "Owns the model; a background thread decodes all jobs in shared batched steps, each batch with its own KV cache."
     def __init__(self, model, tokenizer, make_cache=None, max_batch=16, max_queue=64, max_new_tokens_limit=1024,
@@ -219,7 +221,7 @@ class Engine:
     def __repr__(self):
         return f"Engine({type(self.model).__name__}, max_batch={self.max_batch}, max_queue={self.max_queue})"
 
-# %% ../nbs/06_server.ipynb #d924aa03
+# %% ../nbs/06_server.ipynb #4c711df1
 def _rows_waiting(self): return sum(len(j.rows) for j in self._waiting)
 def _rows_active(self): return sum(len(c.rows) for c in self._cohorts)
 Engine.rows_waiting, Engine.rows_active = _rows_waiting, _rows_active
@@ -259,7 +261,7 @@ def _cancel(self:Engine, job):
 
 Engine.submit, Engine.cancel = _submit, _cancel
 
-# %% ../nbs/06_server.ipynb #babcfb53
+# %% ../nbs/06_server.ipynb #0bacadac
 def _forward(self:Engine, ids, cohort):
     kw = {k: (cohort.cache if v is None else v) for k, v in self._kw.items()}
     out = self.model(input_ids=ids, attention_mask=cohort.mask, position_ids=cohort.pos, use_cache=True, **kw)
@@ -286,7 +288,7 @@ def _decode_step(self:Engine, cohort):
 
 Engine._forward, Engine._prefill, Engine._decode_step = _forward, _prefill, _decode_step
 
-# %% ../nbs/06_server.ipynb #b4376a06
+# %% ../nbs/06_server.ipynb #5655bca5
 def _finish(self:Engine, row, reason):
     job = row.job
     if reason != "stop_string":
@@ -349,7 +351,7 @@ def _drop_finished(self:Engine, cohort):
 Engine._finish, Engine._fail, Engine._accept, Engine._advance, Engine._drop_finished = \
     _finish, _fail, _accept, _advance, _drop_finished
 
-# %% ../nbs/06_server.ipynb #44da1a25
+# %% ../nbs/06_server.ipynb #ba087871
 def _admit(self:Engine):
     "Take waiting jobs, oldest first, while their rows fit the free slots."
     with self._cv:
@@ -371,10 +373,17 @@ def _run_cohort(self:Engine, rows=None, cohort=None):
         n_before = self.counts["completion_tokens"]
         self._advance(cohort, logits)
         self._recent.append((time.perf_counter(), self.counts["completion_tokens"] - n_before))
-        if cohort.cache is not None: cohort.held, cohort.uncompressed = kv_bytes(cohort.cache)
+        self._measure(cohort)
     except Exception as e:
         for job in {id(r.job): r.job for r in (cohort.rows if cohort is not None else rows)}.values(): self._fail(job, e)
         with self._cv: self._cohorts = [c for c in self._cohorts if c is not cohort]
+
+def _measure(self:Engine, cohort, every_s=0.25):
+    "Measure the bytes `cohort`'s cache holds: when its rows changed, else at most every `every_s` (it costs ~1 ms)."
+    now = time.perf_counter()
+    if cohort.cache is not None and (len(cohort.rows) != cohort.measured_rows or now - cohort.measured_at > every_s):
+        cohort.held, cohort.uncompressed = kv_bytes(cohort.cache)
+        cohort.measured_at, cohort.measured_rows = now, len(cohort.rows)
 
 def _loop(self:Engine):
     with torch.inference_mode():
@@ -392,9 +401,9 @@ def _loop(self:Engine):
                 self._drop_finished(cohort)  # clients that left since the last step
                 if cohort.rows: self._run_cohort(cohort=cohort)
 
-Engine._admit, Engine._run_cohort, Engine._loop = _admit, _run_cohort, _loop
+Engine._admit, Engine._run_cohort, Engine._measure, Engine._loop = _admit, _run_cohort, _measure, _loop
 
-# %% ../nbs/06_server.ipynb #e264ca28
+# %% ../nbs/06_server.ipynb #bd4272d9
 def _start(self:Engine):
     "Start the decode thread (once)."
     if self._thread is None or not self._thread.is_alive():
@@ -430,7 +439,7 @@ def _generate(self:Engine, prompts, timeout=600, **settings):
 
 Engine.start, Engine.close, Engine.generate = _start, _close, _generate
 
-# %% ../nbs/06_server.ipynb #84057dc2
+# %% ../nbs/06_server.ipynb #f3cdd8dd
 def _percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -457,7 +466,7 @@ def _metrics(self:Engine, window_s=10.0):
 
 Engine.metrics = _metrics
 
-# %% ../nbs/06_server.ipynb #1701b63a
+# %% ../nbs/06_server.ipynb #cb8e9312
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -492,7 +501,7 @@ class CompletionRequest(_Sampling):
     "Body of `POST /v1/completions`: `prompt` is a string, a list of strings, token ids, or lists of token ids."
     prompt: Union[str, list[str], list[int], list[list[int]]]
 
-# %% ../nbs/06_server.ipynb #a556de27
+# %% ../nbs/06_server.ipynb #2c02f058
 class APIError(Exception):
     "An error answered with OpenAI's error JSON and HTTP status `status`."
     def __init__(self, status, message, param=None, code=None, type=None):
@@ -505,7 +514,7 @@ def error_response(status, message, param=None, code=None, type=None):
     e = APIError(status, message, param, code, type)
     return JSONResponse({"error": dict(message=e.message, type=e.type, param=e.param, code=e.code)}, status_code=status)
 
-# %% ../nbs/06_server.ipynb #f31374ed
+# %% ../nbs/06_server.ipynb #949db074
 def _text_of(content):
     if content is None or isinstance(content, str): return content or ""
     return "".join(p.text for p in content)
@@ -568,7 +577,7 @@ def make_job(engine, body, prompts, default_max_tokens=None):
                temperature=1.0 if body.temperature is None else body.temperature,
                top_p=1.0 if body.top_p is None else body.top_p)
 
-# %% ../nbs/06_server.ipynb #26abe8f3
+# %% ../nbs/06_server.ipynb #a8aed122
 def _attach(job, loop):
     "Route `job`'s events into an asyncio queue of the running loop."
     events = asyncio.Queue()
@@ -629,7 +638,7 @@ async def _collect(engine, job, events, request):
             return None
     return texts, reasons, task.result()
 
-# %% ../nbs/06_server.ipynb #cb4397b6
+# %% ../nbs/06_server.ipynb #785c3c9f
 def _openai_handlers(app):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -655,7 +664,7 @@ def _openai_handlers(app):
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
-# %% ../nbs/06_server.ipynb #c944c1df
+# %% ../nbs/06_server.ipynb #9abf8de1
 def make_app(engine, model_name="model"):
     "The FastAPI app serving `engine` under OpenAI's paths, as model `model_name`."
     @contextlib.asynccontextmanager
@@ -722,7 +731,7 @@ def make_app(engine, model_name="model"):
 
     return app
 
-# %% ../nbs/06_server.ipynb #873b862d
+# %% ../nbs/06_server.ipynb #8b7d504e
 @contextlib.contextmanager
 def serve(app, host="127.0.0.1", port=0, timeout=60):
     "Run `app` with uvicorn in a background thread (port 0: a free one); yields the base URL, stops the server on exit."
@@ -743,7 +752,7 @@ def serve(app, host="127.0.0.1", port=0, timeout=60):
         thread.join(timeout)
         sock.close()
 
-# %% ../nbs/06_server.ipynb #081afa04
+# %% ../nbs/06_server.ipynb #94fdc657
 def _parser():
     p = argparse.ArgumentParser(prog="tiny-turboquant-server", description="OpenAI-compatible server with a compressed KV cache")
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
