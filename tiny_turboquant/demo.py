@@ -7,14 +7,14 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/demo.html.md"""
 # %% auto #0
 __all__ = ['demo_prompt', 'first_divergence', 'teacher_forced_agreement', 'run_demo', 'main']
 
-# %% ../nbs/10_demo.ipynb #93bf79bb
+# %% ../nbs/10_demo.ipynb #2962d765
 import argparse, sys, time, warnings
 import torch
 from transformers import DynamicCache
 from .cache import PRESETS, TinyKVCache
-from .models import load_model, sample_text
+from .models import cache_kwargs, load_model, sample_text
 
-# %% ../nbs/10_demo.ipynb #76f1f4bd
+# %% ../nbs/10_demo.ipynb #de6ab534
 def demo_prompt(tokenizer, prompt_tokens=1500):
     "A chat prompt of about `prompt_tokens` tokens: standard-library documentation and a question about it."
     doc = tokenizer.decode(tokenizer(sample_text(8 * prompt_tokens))["input_ids"][:prompt_tokens])
@@ -29,10 +29,10 @@ def first_divergence(a, b):
 
 def teacher_forced_agreement(model, inputs, reference, cache):
     "Fraction of `reference` tokens the model predicts greedily when reading the prompt and `reference` through `cache`."
-    first = model(**inputs, cache=cache).logits[0, -1].argmax()
+    first = model(**inputs, **cache_kwargs(model, cache)).logits[0, -1].argmax()
     ids = reference[None, :-1]
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1)
-    rest = model(ids, attention_mask=mask, cache=cache).logits[0].argmax(-1)
+    rest = model(ids, attention_mask=mask, **cache_kwargs(model, cache)).logits[0].argmax(-1)
     return (torch.cat([first[None], rest]) == reference).float().mean().item()
 
 def run_demo(model, tokenizer, compression="safe", prompt_tokens=1500, max_new_tokens=48):
@@ -42,7 +42,7 @@ def run_demo(model, tokenizer, compression="safe", prompt_tokens=1500, max_new_t
     runs = {}
     for name, cache in (("uncompressed", DynamicCache(config=model.config)), (compression, TinyKVCache.for_model(model, compression))):
         t0 = time.perf_counter()
-        out = model.generate(**inputs, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=max_new_tokens, do_sample=False)
         runs[name] = (out[0, n:], cache, time.perf_counter() - t0)
     ref, tiny = runs["uncompressed"][0], runs[compression][0]
     return dict(prompt_tokens=n, text=tokenizer.decode(tiny, skip_special_tokens=True), memory=runs[compression][1].memory_report(),
@@ -50,7 +50,7 @@ def run_demo(model, tokenizer, compression="safe", prompt_tokens=1500, max_new_t
                 next_token_agreement=teacher_forced_agreement(model, inputs, ref, TinyKVCache.for_model(model, compression)),
                 seconds={k: v[2] for k, v in runs.items()})
 
-# %% ../nbs/10_demo.ipynb #93d4b51c
+# %% ../nbs/10_demo.ipynb #975fde08
 def main(argv=None):
     "Command line: `tiny-turboquant-demo [--model M] [--compression P] [--prompt-tokens N] [--max-new-tokens N]`."
     p = argparse.ArgumentParser(prog="tiny-turboquant-demo", description=main.__doc__)

@@ -7,17 +7,17 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/residual_window.html.md"
 # %% auto #0
 __all__ = ['tokens_to_flush', 'CompressedKV']
 
-# %% ../nbs/02_residual_window.ipynb #a1a8a54e
+# %% ../nbs/02_residual_window.ipynb #61716fbd
 import torch
 from .affine import *
 from .kivi import *
 
-# %% ../nbs/02_residual_window.ipynb #91a50a69
+# %% ../nbs/02_residual_window.ipynb #b91221b8
 def tokens_to_flush(window_tokens, residual_length=128, block_size=128):
     "How many of the oldest window tokens to quantize now: whole blocks, leaving at least `residual_length`."
     return max(window_tokens - residual_length, 0) // block_size * block_size
 
-# %% ../nbs/02_residual_window.ipynb #6e8ae44c
+# %% ../nbs/02_residual_window.ipynb #a74a356d
 _STORED = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "window_keys", "window_values")
 
 class CompressedKV:
@@ -42,7 +42,7 @@ class CompressedKV:
         return (f"CompressedKV(K{self.key_bits}/V{self.value_bits}, {self.quantized_tokens} quantized + "
                 f"{self.window_tokens} in window)")
 
-# %% ../nbs/02_residual_window.ipynb #9804fbe3
+# %% ../nbs/02_residual_window.ipynb #41513061
 def _cat(old, new): return new if old is None else torch.cat([old, new], dim=2)
 
 def _check_finite(x, what):
@@ -53,7 +53,8 @@ def _check_finite(x, what):
 
 def _grow_quantum(self:CompressedKV, name):
     if name in ("key_scale", "key_zero"): return 2  # blocks
-    return self.residual_length + self.block_size if name.startswith("window") else 2 * self.block_size
+    # the window grows a block at a time: right after a prefill or a flush it holds no spare room at all
+    return self.block_size if name.startswith("window") else 2 * self.block_size
 
 def _extend(self:CompressedKV, name, new):
     "Append `new` to stored tensor `name` along the token axis (in place into spare room on CUDA)."
@@ -107,7 +108,7 @@ def _flush(self:CompressedKV, n):
 CompressedKV._grow_quantum, CompressedKV._extend, CompressedKV._drop_front = _grow_quantum, _extend, _drop_front
 CompressedKV.append, CompressedKV.flush_due, CompressedKV._flush = _append, _flush_due, _flush
 
-# %% ../nbs/02_residual_window.ipynb #46771dee
+# %% ../nbs/02_residual_window.ipynb #acf0937e
 def _dequantized(self:CompressedKV):
     "Keys and values of the whole history `[B, H, tokens, D]`: dequantized blocks, then the window."
     if not self.quantized_tokens: return self.window_keys, self.window_values
@@ -118,7 +119,7 @@ def _dequantized(self:CompressedKV):
 
 CompressedKV.dequantized = _dequantized
 
-# %% ../nbs/02_residual_window.ipynb #b8fdee29
+# %% ../nbs/02_residual_window.ipynb #bd5abcd5
 def _map_stored(self:CompressedKV, f):
     self._spare = {}  # the new tensors are exact-size; spare room is made again on the next append
     for name in _STORED:
@@ -155,7 +156,7 @@ def _truncate(self:CompressedKV, length):
 CompressedKV._map_stored, CompressedKV.select, CompressedKV.repeat_interleave, CompressedKV.truncate = \
     _map_stored, _select, _repeat_interleave, _truncate
 
-# %% ../nbs/02_residual_window.ipynb #1b35e5b0
+# %% ../nbs/02_residual_window.ipynb #1fb9ae67
 def _nbytes(self:CompressedKV):
     "Bytes of storage held by every tensor of this history (each storage counted once)."
     storages = {}
