@@ -106,14 +106,15 @@ def bench_sessions(args, dtype):
     "Measured bytes of one real session of `args.session_tokens` tokens, for each cache and dtype."
     from transformers import DynamicCache
     from tiny_turboquant.models import load_model, sample_text, corpus_files
-    from tiny_turboquant.server import _cache_kwargs, cache_factory, kv_bytes
+    from tiny_turboquant.models import cache_kwargs
+    from tiny_turboquant.server import cache_factory, kv_bytes
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
     files = corpus_files()
     text = files[0].read_text() if files else sample_text()
     ids = tok(text, return_tensors="pt")["input_ids"][:, :args.session_tokens].to(args.device)
     if ids.shape[1] < args.session_tokens: raise ValueError(f"sample text has only {ids.shape[1]} tokens")
     full = DynamicCache(config=model.config)
-    kw = {k: (full if v is None else v) for k, v in _cache_kwargs(model).items()}  # cache= or past_key_values=
+    kw = cache_kwargs(model, full)  # cache= or past_key_values=
     with torch.inference_mode():
         for s in range(0, ids.shape[1], 1024):  # chunked prefill: bounded attention memory, same cache
             model(ids[:, s:s + 1024], use_cache=True, **kw)

@@ -11,7 +11,7 @@ __all__ = ['log', 'CHATML', 'COMPRESSIONS', 'StreamText', 'byte_tokenizer', 'sam
            'ChatRequest', 'CompletionRequest', 'APIError', 'error_response', 'chat_prompt', 'completion_prompts',
            'make_job', 'make_app', 'serve', 'build_app', 'main']
 
-# %% ../nbs/06_server.ipynb #2e6a66bd
+# %% ../nbs/06_server.ipynb #d5604907
 import argparse, asyncio, contextlib, inspect, json, logging, queue, random, socket, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,7 +20,8 @@ from typing import Literal, Optional, Union
 import torch
 from transformers import DynamicCache
 
-from .cache import PRESETS, TinyKVCache, _memory_report
+from .cache import PRESETS, TinyKVCache, memory_report
+from .models import cache_kwargs
 
 try:
     import uvicorn
@@ -34,7 +35,7 @@ except ImportError as e:  # the server is an optional extra
 
 log = logging.getLogger("tiny_turboquant.server")
 
-# %% ../nbs/06_server.ipynb #98acb7ba
+# %% ../nbs/06_server.ipynb #0b52db28
 class StreamText:
     "Text of a growing token sequence, handed out in pieces that never change, ending before the first stop string."
     def __init__(self, tokenizer, stop=(), lock=None):
@@ -74,7 +75,7 @@ class StreamText:
         self._grow(final=True)
         return self._release(final=True)[0]
 
-# %% ../nbs/06_server.ipynb #52422740
+# %% ../nbs/06_server.ipynb #8cbe5a89
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -91,7 +92,7 @@ def byte_tokenizer():
     tok.chat_template = CHATML
     return tok
 
-# %% ../nbs/06_server.ipynb #7d146f95
+# %% ../nbs/06_server.ipynb #2e65d4a9
 def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
     "One token id from `logits` `[vocab]`: greedy when `temperature` is 0, else nucleus sampling with `top_p`."
     if temperature == 0: return int(logits.argmax())
@@ -104,7 +105,7 @@ def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
         return int(order[torch.multinomial(p * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
-# %% ../nbs/06_server.ipynb #e2e1192c
+# %% ../nbs/06_server.ipynb #b1ab2fc4
 COMPRESSIONS = (*PRESETS, "none")
 
 def cache_factory(model, compression="safe", key_bits=None, value_bits=None, **kwargs):
@@ -123,10 +124,10 @@ def cache_factory(model, compression="safe", key_bits=None, value_bits=None, **k
 
 def kv_bytes(cache):
     "`(held, uncompressed)` bytes of the keys and values `cache` holds, measured from its tensors."
-    r = cache.memory_report() if isinstance(cache, TinyKVCache) else _memory_report(cache)  # same count, any layers
+    r = memory_report(cache)  # the same count for any cache's layers
     return r.held_bytes, r.uncompressed_bytes
 
-# %% ../nbs/06_server.ipynb #eec685c2
+# %% ../nbs/06_server.ipynb #58656619
 @dataclass
 class Job:
     "One request for the engine: prompts as token ids, `n` sequences each, sampling settings, and where events go."
@@ -171,14 +172,13 @@ class Cohort:
     measured_at: float = 0.0
     measured_rows: int = 0
 
-# %% ../nbs/06_server.ipynb #697462b0
+# %% ../nbs/06_server.ipynb #d10a11ba
 class QueueFull(Exception): "The engine cannot take another job now."
 
-def _cache_kwargs(model):
-    "The keyword for the cache (`cache` since transformers 5.24, `past_key_values` before) and `logits_to_keep`."
-    params = inspect.signature(model.forward).parameters
-    kw = {"cache" if "cache" in params else "past_key_values": None}
-    if "logits_to_keep" in params: kw["logits_to_keep"] = 1
+def _step_kwargs(model, cache):
+    "Keyword arguments of a decode step: the cache under this transformers version's name, and one position of logits."
+    kw = cache_kwargs(model, cache)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters: kw["logits_to_keep"] = 1
     return kw
 
 def context_length(model, tokenizer=None):
@@ -193,7 +193,7 @@ def eos_ids(model, tokenizer):
     for i in ids: flat |= set(i) if isinstance(i, (list, tuple)) else {i}
     return {int(i) for i in flat if i is not None}
 
-# %% ../nbs/06_server.ipynb #43545e66
+# %% ../nbs/06_server.ipynb #e75f1c6f
 class Engine:
     "Owns the model; a background thread decodes all jobs in shared batched steps, each batch with its own KV cache."
     def __init__(self, model, tokenizer, make_cache=None, max_batch=16, max_queue=64, max_new_tokens_limit=1024,
@@ -209,7 +209,6 @@ class Engine:
         self.eos, self.device = eos_ids(model, tokenizer), next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(self.eos) if self.eos else 0)
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used from two threads at once
-        self._kw = _cache_kwargs(model)
         self._cv = threading.Condition()
         self._waiting, self._cohorts = deque(), []
         self._thread, self._stopping, self.started = None, False, time.time()
@@ -221,7 +220,7 @@ class Engine:
     def __repr__(self):
         return f"Engine({type(self.model).__name__}, max_batch={self.max_batch}, max_queue={self.max_queue})"
 
-# %% ../nbs/06_server.ipynb #4c711df1
+# %% ../nbs/06_server.ipynb #efb7ed74
 def _rows_waiting(self): return sum(len(j.rows) for j in self._waiting)
 def _rows_active(self): return sum(len(c.rows) for c in self._cohorts)
 Engine.rows_waiting, Engine.rows_active = _rows_waiting, _rows_active
@@ -261,9 +260,9 @@ def _cancel(self:Engine, job):
 
 Engine.submit, Engine.cancel = _submit, _cancel
 
-# %% ../nbs/06_server.ipynb #0bacadac
+# %% ../nbs/06_server.ipynb #6c78dd4d
 def _forward(self:Engine, ids, cohort):
-    kw = {k: (cohort.cache if v is None else v) for k, v in self._kw.items()}
+    kw = _step_kwargs(self.model, cohort.cache)
     out = self.model(input_ids=ids, attention_mask=cohort.mask, position_ids=cohort.pos, use_cache=True, **kw)
     return out.logits[:, -1].float()
 
@@ -288,7 +287,7 @@ def _decode_step(self:Engine, cohort):
 
 Engine._forward, Engine._prefill, Engine._decode_step = _forward, _prefill, _decode_step
 
-# %% ../nbs/06_server.ipynb #5655bca5
+# %% ../nbs/06_server.ipynb #233c0aae
 def _finish(self:Engine, row, reason):
     job = row.job
     if reason != "stop_string":
@@ -351,7 +350,7 @@ def _drop_finished(self:Engine, cohort):
 Engine._finish, Engine._fail, Engine._accept, Engine._advance, Engine._drop_finished = \
     _finish, _fail, _accept, _advance, _drop_finished
 
-# %% ../nbs/06_server.ipynb #ba087871
+# %% ../nbs/06_server.ipynb #9a90547f
 def _admit(self:Engine):
     "Take waiting jobs, oldest first, while their rows fit the free slots."
     with self._cv:
@@ -403,7 +402,7 @@ def _loop(self:Engine):
 
 Engine._admit, Engine._run_cohort, Engine._measure, Engine._loop = _admit, _run_cohort, _measure, _loop
 
-# %% ../nbs/06_server.ipynb #bd4272d9
+# %% ../nbs/06_server.ipynb #5bc42f1d
 def _start(self:Engine):
     "Start the decode thread (once)."
     if self._thread is None or not self._thread.is_alive():
@@ -439,7 +438,7 @@ def _generate(self:Engine, prompts, timeout=600, **settings):
 
 Engine.start, Engine.close, Engine.generate = _start, _close, _generate
 
-# %% ../nbs/06_server.ipynb #f3cdd8dd
+# %% ../nbs/06_server.ipynb #91e3db8f
 def _percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -466,7 +465,7 @@ def _metrics(self:Engine, window_s=10.0):
 
 Engine.metrics = _metrics
 
-# %% ../nbs/06_server.ipynb #cb8e9312
+# %% ../nbs/06_server.ipynb #f3f8b35c
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -501,7 +500,7 @@ class CompletionRequest(_Sampling):
     "Body of `POST /v1/completions`: `prompt` is a string, a list of strings, token ids, or lists of token ids."
     prompt: Union[str, list[str], list[int], list[list[int]]]
 
-# %% ../nbs/06_server.ipynb #2c02f058
+# %% ../nbs/06_server.ipynb #6b6ad2ef
 class APIError(Exception):
     "An error answered with OpenAI's error JSON and HTTP status `status`."
     def __init__(self, status, message, param=None, code=None, type=None):
@@ -514,7 +513,7 @@ def error_response(status, message, param=None, code=None, type=None):
     e = APIError(status, message, param, code, type)
     return JSONResponse({"error": dict(message=e.message, type=e.type, param=e.param, code=e.code)}, status_code=status)
 
-# %% ../nbs/06_server.ipynb #949db074
+# %% ../nbs/06_server.ipynb #dbec4371
 def _text_of(content):
     if content is None or isinstance(content, str): return content or ""
     return "".join(p.text for p in content)
@@ -577,7 +576,7 @@ def make_job(engine, body, prompts, default_max_tokens=None):
                temperature=1.0 if body.temperature is None else body.temperature,
                top_p=1.0 if body.top_p is None else body.top_p)
 
-# %% ../nbs/06_server.ipynb #a8aed122
+# %% ../nbs/06_server.ipynb #65d425ac
 def _attach(job, loop):
     "Route `job`'s events into an asyncio queue of the running loop."
     events = asyncio.Queue()
@@ -638,7 +637,7 @@ async def _collect(engine, job, events, request):
             return None
     return texts, reasons, task.result()
 
-# %% ../nbs/06_server.ipynb #785c3c9f
+# %% ../nbs/06_server.ipynb #64b231cf
 def _openai_handlers(app):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -664,7 +663,7 @@ def _openai_handlers(app):
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
-# %% ../nbs/06_server.ipynb #9abf8de1
+# %% ../nbs/06_server.ipynb #374f8cf7
 def make_app(engine, model_name="model"):
     "The FastAPI app serving `engine` under OpenAI's paths, as model `model_name`."
     @contextlib.asynccontextmanager
@@ -731,7 +730,7 @@ def make_app(engine, model_name="model"):
 
     return app
 
-# %% ../nbs/06_server.ipynb #8b7d504e
+# %% ../nbs/06_server.ipynb #5a258f69
 @contextlib.contextmanager
 def serve(app, host="127.0.0.1", port=0, timeout=60):
     "Run `app` with uvicorn in a background thread (port 0: a free one); yields the base URL, stops the server on exit."
@@ -752,7 +751,7 @@ def serve(app, host="127.0.0.1", port=0, timeout=60):
         thread.join(timeout)
         sock.close()
 
-# %% ../nbs/06_server.ipynb #94fdc657
+# %% ../nbs/06_server.ipynb #8fffe616
 def _parser():
     p = argparse.ArgumentParser(prog="tiny-turboquant-server", description="OpenAI-compatible server with a compressed KV cache")
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
