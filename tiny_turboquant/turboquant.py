@@ -10,7 +10,7 @@ __all__ = ['BITS_TURBO', 'FLOAT_DTYPES', 'sphere_coord_density', 'lloyd_max', 'c
            'check_vectors', 'packed_bytes', 'QuantizedMSE', 'TinyQuantizer', 'qjl_matrix', 'qjl_sketch',
            'qjl_reconstruct', 'QuantizedIP', 'TinyQuantizerIP', 'attention_weights']
 
-# %% ../nbs/03_beta_codebook.ipynb #67d76a78
+# %% ../nbs/03_beta_codebook.ipynb #396996a2
 import json, math, os, warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -24,14 +24,14 @@ from scipy.stats import norm
 from .affine import pack_bits, unpack_bits
 from .models import cache_dir
 
-# %% ../nbs/03_beta_codebook.ipynb #31176ad3
+# %% ../nbs/03_beta_codebook.ipynb #e1d7a620
 def sphere_coord_density(t, dim):
     "Density of one coordinate of a uniform random point on the unit sphere of R^`dim` (`dim` >= 3), at `t`."
     t = np.asarray(t, dtype=np.float64)
     log_c = gammaln(dim / 2) - gammaln((dim - 1) / 2) - 0.5 * math.log(math.pi)
     return np.exp(log_c) * np.clip(1 - t * t, 0, None) ** ((dim - 3) / 2)
 
-# %% ../nbs/03_beta_codebook.ipynb #163f63e6
+# %% ../nbs/03_beta_codebook.ipynb #c16d8f2e
 def _scaled_density(s, dim):
     "Density of `s = sqrt(dim) * x_1` (unit variance for every `dim`)."
     return sphere_coord_density(s / math.sqrt(dim), dim) / math.sqrt(dim)
@@ -51,7 +51,7 @@ def lloyd_max(dim, bits, tol=1e-11, max_iter=10_000):
         if moved < tol: return c, it
     raise RuntimeError(f"Lloyd-Max did not converge in {max_iter} iterations (dim={dim}, bits={bits})")
 
-# %% ../nbs/03_beta_codebook.ipynb #de32d269
+# %% ../nbs/03_beta_codebook.ipynb #83fdd849
 BITS_TURBO = (1, 2, 3, 4)
 
 def check_int(value, allowed, name):
@@ -83,7 +83,7 @@ def compute_codebook(dim, bits):
     scale = 1 / math.sqrt(dim)
     return Codebook(s * scale, t[1:-1] * scale, float(dist), iterations)
 
-# %% ../nbs/03_beta_codebook.ipynb #2f945ae3
+# %% ../nbs/03_beta_codebook.ipynb #2bd885f2
 _CODEBOOKS = {}
 _CACHE_VERSION = 1  # bump when compute_codebook changes
 
@@ -119,14 +119,14 @@ def beta_codebook(dim, bits, disk=True):
     _CODEBOOKS[dim, bits] = cb
     return cb
 
-# %% ../nbs/03_beta_codebook.ipynb #85138021
+# %% ../nbs/03_beta_codebook.ipynb #f6fbda15
 def random_orthogonal(dim, seed=0, batch=()):
     "Haar-random `dim` x `dim` orthogonal matrices (float64, CPU, leading shape `batch`): QR of seeded Gaussians, signs fixed by diag(R)."
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(*batch, dim, dim, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
-# %% ../nbs/03_beta_codebook.ipynb #37dd170d
+# %% ../nbs/03_beta_codebook.ipynb #534a05ca
 def fwht(x):
     "Unnormalized Walsh-Hadamard transform of the last axis (length a power of two), in O(d log d)."
     *lead, d = x.shape
@@ -137,7 +137,7 @@ def fwht(x):
         h *= 2
     return y.reshape(*lead, d)
 
-# %% ../nbs/03_beta_codebook.ipynb #a2161279
+# %% ../nbs/03_beta_codebook.ipynb #d2769446
 def _converted(cache, key, t, like):
     "`t` on `like`'s device and dtype, converted once and kept in `cache`."
     k = (key, like.device, like.dtype)
@@ -167,7 +167,7 @@ class Rotation:
         for s in _converted(self._cache, "s", self.signs, y).flip(0): y = fwht(y) / math.sqrt(self.dim) * s
         return y
 
-# %% ../nbs/03_beta_codebook.ipynb #ae80b56b
+# %% ../nbs/03_beta_codebook.ipynb #cecc0f5b
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def check_vectors(x, dim, name="x"):
@@ -191,7 +191,7 @@ def packed_bytes(dim, bits):
     "Bytes taken by the packed codes of one `dim`-vector at `bits` bits."
     return (dim + 7) // 8 * bits
 
-# %% ../nbs/03_beta_codebook.ipynb #fb57cf8b
+# %% ../nbs/03_beta_codebook.ipynb #8fb28668
 class QuantizedMSE(NamedTuple):
     codes: torch.Tensor  # uint8 (..., packed_bytes(dim, bits)): densely packed level indices
     norms: torch.Tensor  # float32 (...): the norms of the input vectors
@@ -223,7 +223,7 @@ class TinyQuantizer:
         y = _converted(self._cache, "c", self.centroids, q.norms)[_unpack(q.codes, self.bits, self.dim).long()]
         return (self.rotation.inverse(y) * q.norms[..., None]).to(dtype)
 
-# %% ../nbs/03_beta_codebook.ipynb #86578ac4
+# %% ../nbs/03_beta_codebook.ipynb #fa1bb1b2
 def qjl_matrix(dim, seed=0):
     "The seeded `dim` x `dim` Gaussian matrix S of the QJL sketch (float64, CPU)."
     return torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -238,7 +238,7 @@ def qjl_reconstruct(signs, r_norms, S):
     z = _unpack(signs, 1, d).float() * 2 - 1
     return math.sqrt(math.pi / 2) / d * r_norms[..., None] * (z @ S)
 
-# %% ../nbs/03_beta_codebook.ipynb #2068561d
+# %% ../nbs/03_beta_codebook.ipynb #9c6b2ec5
 class QuantizedIP(NamedTuple):
     mse: QuantizedMSE         # the (bits - 1)-bit MSE codes and norms
     signs: torch.Tensor       # uint8 (..., packed_bytes(dim, 1)): QJL sign bits of the residual
@@ -269,7 +269,7 @@ class TinyQuantizerIP:
         query = check_vectors(query, self.dim, "query").float()
         return (query * self.dequantize(q)).sum(-1)
 
-# %% ../nbs/03_beta_codebook.ipynb #4e5b555b
+# %% ../nbs/03_beta_codebook.ipynb #aafe8979
 def attention_weights(query, keys, quantizer=None, causal=True):
     "softmax(query @ keys.T / sqrt(d)) over the last two axes, with `keys` passed through `quantizer` if given."
     if isinstance(quantizer, TinyQuantizerIP):
