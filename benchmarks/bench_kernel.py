@@ -9,6 +9,11 @@ eager call, host included). In the same run: the device-to-device copy bandwidth
 (with enable_gqa, and with the query heads of a KV head packed as queries; the faster is the fp16 floor), dequantize
 + SDPA (what a quantized cache without a kernel does each step, timed eagerly), and transformers' QuantizedCache if quanto is
 installed. Each time is the median of `--reps` calls timed with CUDA events after warm-up.
+
+    python benchmarks/bench_kernel.py --variant old=TT_PIPE=0 --variant s4=TT_STAGES=4
+
+also times other builds of the kernel (comma-separated macros) on the same data in the same run, with their error
+against the float64 reference where it is computed; they land in each row's `variants`.
 """
 import argparse, datetime, importlib.util, json, platform
 from pathlib import Path
@@ -69,19 +74,28 @@ def stored_bytes(h):
                                                       h.value_scale, h.value_zero, h.window_keys, h.window_values))
 
 
-def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=()):
+def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), variants=()):
     Hq, Hkv, D = SHAPES[shape]
     G = Hq // Hkv
     h = random_history(B, Hkv, D, context, *bits)
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
     attend = lambda: fused_decode_attention(q, h, defines=defines)
     out = attend()
-    err = None
+    err = ref = None
+    rel_err = lambda o: ((o.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     if B * Hkv * context <= 8 * 8 * 16384:  # the float64 reference needs memory; check the smaller shapes
         ref = reference_decode_attention(q, h)
-        err = ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+        err = rel_err(out)
     t_ours_eager = median_us(attend, reps)
     t_ours = graph_us(attend, reps)
+    ours_bytes = stored_bytes(h) + 2 * q.numel() * q.element_size()
+    timed_variants = {}
+    for name, vdefs in variants:
+        f = lambda: fused_decode_attention(q, h, defines=vdefs)
+        t = graph_us(f, reps)
+        timed_variants[name] = dict(defines=list(vdefs), us=t, GBps=ours_bytes / t / 1e3, fraction_of_copy=ours_bytes / t / 1e3 / copy_bw,
+                                    max_rel_error=rel_err(f()) if ref is not None else None)
+    ref = None
     k = torch.randn(B, Hkv, context, D, device="cuda", dtype=torch.float16); v = torch.randn_like(k)
     t_gqa = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
     qp = q.reshape(B, Hkv, G, D)
@@ -94,14 +108,15 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=()):
             return F.scaled_dot_product_attention(qp, kk, vv)
         t_deq = median_us(dequant_sdpa, max(5, reps // 4))
     t_sdpa = min(t_gqa, t_packed)
-    ours_bytes = stored_bytes(h) + 2 * q.numel() * q.element_size()
+    for v in timed_variants.values(): v["speedup_vs_sdpa"] = t_sdpa / v["us"]
     fp16_bytes = 2 * B * Hkv * context * D * 2 + 2 * q.numel() * q.element_size()
     row = dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", heads=f"{Hq}/{Hkv}", head_dim=D,
                ours_us=t_ours, ours_eager_us=t_ours_eager, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq,
                speedup_vs_sdpa=t_sdpa / t_ours, ours_bytes=ours_bytes, fp16_bytes=fp16_bytes,
                ours_GBps=ours_bytes / t_ours / 1e3, sdpa_GBps=fp16_bytes / t_sdpa / 1e3,
                fraction_of_copy=ours_bytes / t_ours / 1e3 / copy_bw, sdpa_fraction_of_copy=fp16_bytes / t_sdpa / 1e3 / copy_bw,
-               fits_in_L2=ours_bytes < torch.cuda.get_device_properties(0).L2_cache_size, max_rel_error=err)
+               fits_in_L2=ours_bytes < torch.cuda.get_device_properties(0).L2_cache_size, max_rel_error=err,
+               variants=timed_variants)
     del h
     torch.cuda.empty_cache()
     return row
@@ -133,9 +148,13 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200.json"))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PREFETCH=0")
+    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PIPE=0")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
+                    help="also time this build on the same data, e.g. old=TT_PIPE=0 or mt4=TT_MT=4,TT_STAGES=2")
     args = ap.parse_args()
+    variants = [(v.split("=", 1)[0], tuple(d for d in v.split("=", 1)[1].split(",") if d)) for v in args.variant]
     build_kernel(defines=args.define)
+    for _, vdefs in variants: build_kernel(defines=vdefs)
     copy_bw = copy_GBps(args.reps)
     print(f"device-to-device copy: {copy_bw:.0f} GB/s", flush=True)
     configs = [(s, B, c, (4, 4)) for s in SHAPES for B in (1, 8, 32) for c in (4096, 16384, 65536, 131072)]
@@ -144,17 +163,23 @@ def main():
     rows = []
     for shape, B, ctx, bits in configs:
         r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536 and not args.quick,
-                      defines=args.define)
+                      defines=args.define, variants=variants)
         rows.append(r)
         print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
               f"{r['fraction_of_copy']:.2f} of copy; eager {r['ours_eager_us']:6.1f}), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
               + (f", dequant+SDPA {r['dequant_sdpa_us']:8.1f} us" if r["dequant_sdpa_us"] else "")
-              + (f", err {r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else ""), flush=True)
+              + (f", err {r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "")
+              + "".join(f"; {n} {v['us']:.1f} us ({v['fraction_of_copy']:.2f})" for n, v in r["variants"].items()), flush=True)
+        write(args, copy_bw, rows)  # after every shape, so a run cut short keeps what it measured
+    write(args, copy_bw, rows, plot_it=True)
+
+
+def write(args, copy_bw, rows, plot_it=False):
     quanto = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
     result = dict(
         device=torch.cuda.get_device_name(0), sms=torch.cuda.get_device_properties(0).multi_processor_count,
         torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
-        copy_GBps=copy_bw, reps=args.reps, kernel_defines=args.define, attention=rows,
+        copy_GBps=copy_bw, reps=args.reps, kernel_defines=args.define, variants=args.variant, attention=rows,
         quantized_cache=("transformers QuantizedCache (quanto) timed" if quanto else
                          "not measured: optimum-quanto is not installed on this machine (no network to install it); "
                          "dequant_sdpa_us is the same strategy (dequantize the history, then SDPA) without quanto's own kernels"),
@@ -162,8 +187,9 @@ def main():
               "fits_in_L2 rows are timed with the cache resident in L2 and overstate bandwidth.")
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print("wrote", out)
+    if plot_it:
+        plot(result, out.with_suffix(".png"))
+        print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 // Grid of the split kernels: (split, kv head * head group, batch row). A block has 4 warps; each warp walks its own
 // range of 16*MT-token chunks and keeps its own online-softmax state, so the main loop has no block barrier; each warp
 // writes one partial (running max m, sum l, unnormalised output o) and `combine_kernel` merges them.
+// With TT_PIPE (default) each warp copies its chunks into its own shared-memory stages with cp.async, TT_STAGES - 1
+// chunks ahead of the one it computes, and reads the mma fragments from there (LDS); the value scales come through
+// registers one chunk ahead. That removed the load latency from the loop, and gained only 2-9%: the loop is bound by
+// instruction issue and dependency latency (about 1,400 SASS instructions in the loop body per 32-token chunk, 3 warps per
+// scheduler), not by memory.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
@@ -19,15 +24,31 @@
 
 namespace {
 
-// Variants, chosen by benchmarks/bench_kernel.py --define (the defaults are the fastest measured on an H200):
+// Variants, chosen by benchmarks/bench_kernel.py --define / --variant (the defaults are the fastest measured on an
+// H200; TT_PIPE=0 is the previous default, 2-9% slower at contexts >= 16k):
+#ifndef TT_PIPE
+#define TT_PIPE 1      // 1: each warp stages its chunks in shared memory with cp.async, TT_STAGES deep; 0: registers
+#endif
+#ifndef TT_STAGES
+#define TT_STAGES 3    // shared-memory stages per warp (TT_PIPE): TT_STAGES - 1 chunks in flight while one is computed
+#endif
+#ifndef TT_FOLD
+#define TT_FOLD 0      // 1: fold the per-token value scale into the probabilities (one value group only); measured
+#endif                 //    2-5% slower than 0 on an H200 and about 1.7x the error at batch 32, so off
 #ifndef TT_PREFETCH
-#define TT_PREFETCH 0  // 1: double-buffered chunks (loads of the next chunk in flight while computing this one)
+#define TT_PREFETCH 0  // 1 (TT_PIPE=0 only): double-buffered chunks in registers
 #endif
 #ifndef TT_MT
 #define TT_MT 2        // 16-token mma tiles per chunk; 0: 4 (2 for head_dim 256), halved with TT_PREFETCH
 #endif
 #ifndef TT_MIN_BLOCKS
-#define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread)
+#define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
+#endif
+#if TT_PIPE && TT_PREFETCH
+#error "TT_PREFETCH double-buffers registers; TT_PIPE stages in shared memory: choose one"
+#endif
+#if TT_PIPE && TT_STAGES < 2
+#error "TT_STAGES must be at least 2"
 #endif
 constexpr int WARPS = 4;
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
@@ -90,6 +111,58 @@ __device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<
 #pragma unroll
     for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(__ldg(p + i)) << (8 * (i % 4));
   }
+}
+
+// The same from shared memory (TT_PIPE): plain loads, which the compiler emits as LDS.
+template <int NB>
+__device__ __forceinline__ void load_words_shared(const uint8_t* p, Words<NB>& out) {
+  constexpr int NW = (NB + 3) / 4 + 1;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) out.w[i] = 0;
+  if constexpr (NB % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 16; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      out.w[4 * i] = v.x; out.w[4 * i + 1] = v.y; out.w[4 * i + 2] = v.z; out.w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (NB % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 8; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+      out.w[2 * i] = v.x; out.w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (NB % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 4; ++i) out.w[i] = reinterpret_cast<const uint32_t*>(p)[i];
+  } else if constexpr (NB % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < NB / 2; ++i) out.w[i / 2] |= uint32_t(reinterpret_cast<const unsigned short*>(p)[i]) << (16 * (i % 2));
+  } else {
+#pragma unroll
+    for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(p[i]) << (8 * (i % 4));
+  }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Shared-memory place of 16-byte unit u of a chunk of rows of ROWB bytes. 64-byte rows (4-bit head_dim 128) are
+// swizzled inside each 128-byte line so that the value fragment loads (8 bytes of tokens 2tig + {0, 2, 4, 6}) hit
+// 32 different banks; the XOR touches bits 1-2 only, so 16- and 32-byte pieces stay whole and in order.
+template <int ROWB>
+__device__ __forceinline__ int swizzled_unit(int u) {
+  if constexpr (ROWB == 64) return u ^ (((u >> 3) & 3) << 1);
+  else return u;
+}
+template <int ROWB>  // byte offset of (row, byte) in a staged chunk; a read never crosses a 16-byte unit when ROWB == 64
+__device__ __forceinline__ int staged_offset(int row, int byte) {
+  if constexpr (ROWB == 64) return (swizzled_unit<64>(row * 4 + (byte >> 4)) << 4) | (byte & 15);
+  else return row * ROWB + byte;
 }
 
 // code of channel c (bits [c*BITS, (c+1)*BITS) of the little-endian word stream); c is a compile-time constant
@@ -206,13 +279,26 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, int split) {
   }
 }
 
+__host__ __device__ constexpr int mt_for(int D) { return TT_MT ? TT_MT : (D == 256 ? 2 : 4) / (TT_PREFETCH ? 2 : 1); }
+
+// One warp's shared-memory stage (TT_PIPE): the key codes and value codes of one chunk, then the key scale and zero
+// rows of the 128-token block the chunk belongs to (copied only for a warp's first chunk and each block's first).
+template <int D, int KB, int VB>
+struct Stage {
+  static constexpr int CH = 16 * mt_for(D), KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
+  static constexpr int KEYS = 0, VALUES = CH * KR, KSCALE = CH * (KR + VR), BYTES = KSCALE + 4 * D;
+  static_assert(VALUES % 16 == 0 && KSCALE % 16 == 0, "chunks are whole 16-byte units");
+};
+template <int D, int KB, int VB>
+constexpr int shared_bytes() { return TT_PIPE ? WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES : 0; }
+
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
   constexpr int SEGK = D / 4, SEGK_B = SEGK * KB / 8;  // a lane's slice of a key row: channels, bytes
   constexpr int SEGV = D / 8, SEGV_B = SEGV * VB / 8;  // a lane's slice of a value row
   constexpr int NP = D / 8;                            // key channel pairs per lane
   constexpr int NMV = D / 16;                          // value channel tiles (mma m = 16 channels)
-  constexpr int MT = TT_MT ? TT_MT : (D == 256 ? 2 : 4) / (TT_PREFETCH ? 2 : 1), CH = 16 * MT, CPT = TILE / CH;  // 16-token mma tiles per chunk
+  constexpr int MT = mt_for(D), CH = 16 * MT, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per block
   if (int(blockIdx.x) >= p.q_splits) { window_part<D>(p, blockIdx.x - p.q_splits); return; }  // same launch
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
@@ -232,23 +318,41 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(gid, GH - 1)) * p.q_sh;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
   const int vgroup = (gid * SEGV) / (D / p.vgroups);  // the host checks a lane's value slice sits in one group
+  const bool fold = TT_FOLD && p.vgroups == 1;        // value scale folded into the probabilities
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   float acc[NMV][4];
 #pragma unroll
   for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float zacc[4] = {0.f, 0.f, 0.f, 0.f};  // (fold) sum_t p_t z_t: row 0 of an extra mma, cols = heads 2tig, 2tig+1
   uint32_t qh[NP], ql[NP];
   float bias[2] = {0.f, 0.f};
   int cur_tile = -1;
 
-  // Chunk buffers: the loads of chunk c+1 are issued before chunk c is computed, so each warp always has a chunk of
-  // bytes in flight while it does arithmetic.
+  // A chunk's codes as this lane's mma fragments need them, and the value scales/zeros of its tokens 2tig (+1, +8, +9).
   struct Chunk {
     Words<SEGK_B> kw[MT][2];
     Words<SEGV_B> vw[MT][4];
-    uint32_t vsc[MT][2], vzr[MT][2];
   };
-  auto load_chunk = [&](Chunk& ch, int tok0) {
+  struct ValueMeta { uint32_t vsc[MT][2], vzr[MT][2]; };
+  auto load_value_meta = [&](ValueMeta& vm, int tok0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t ta = int64_t(tok0 + 16 * mt + 2 * tig + 8 * r) * p.vgroups + vgroup;
+        const unsigned short* s16 = reinterpret_cast<const unsigned short*>(vs);
+        const unsigned short* z16 = reinterpret_cast<const unsigned short*>(vz);
+        if (p.vgroups == 1) {  // the two tokens' scales are adjacent: one 4-byte load
+          vm.vsc[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(s16 + ta));
+          vm.vzr[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(z16 + ta));
+        } else {
+          vm.vsc[mt][r] = uint32_t(__ldg(s16 + ta)) | (uint32_t(__ldg(s16 + ta + p.vgroups)) << 16);
+          vm.vzr[mt][r] = uint32_t(__ldg(z16 + ta)) | (uint32_t(__ldg(z16 + ta + p.vgroups)) << 16);
+        }
+      }
+  };
+  auto load_chunk = [&](Chunk& ch, int tok0) {  // straight from global memory (TT_PIPE=0)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -257,22 +361,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
       for (int r = 0; r < 4; ++r)
         load_words<SEGV_B>(vc + int64_t(tok0 + 16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1)) * (D * VB / 8) + gid * SEGV_B, ch.vw[mt][r]);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t ta = int64_t(tok0 + 16 * mt + 2 * tig + 8 * r) * p.vgroups + vgroup;
-        const unsigned short* s16 = reinterpret_cast<const unsigned short*>(vs);
-        const unsigned short* z16 = reinterpret_cast<const unsigned short*>(vz);
-        if (p.vgroups == 1) {  // the two tokens' scales are adjacent: one 4-byte load
-          ch.vsc[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(s16 + ta));
-          ch.vzr[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(z16 + ta));
-        } else {
-          ch.vsc[mt][r] = uint32_t(__ldg(s16 + ta)) | (uint32_t(__ldg(s16 + ta + p.vgroups)) << 16);
-          ch.vzr[mt][r] = uint32_t(__ldg(z16 + ta)) | (uint32_t(__ldg(z16 + ta + p.vgroups)) << 16);
-        }
-      }
     }
   };
-  auto compute_chunk = [&](Chunk& ch, int c) {
+
+  // key_scale_row, key_zero_row: this chunk's 128-token block's key scales and zeros (D each), global or shared
+  auto compute_chunk = [&](const Chunk& ch, ValueMeta& vm, int c, const uint16_t* key_scale_row, const uint16_t* key_zero_row) {
     const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
@@ -284,8 +377,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint4 qv = __ldg(reinterpret_cast<const uint4*>(qrow + ch0) + h);
-          const uint4 sv = __ldg(reinterpret_cast<const uint4*>(ks + int64_t(tile) * D + ch0) + h);
-          const uint4 zv = __ldg(reinterpret_cast<const uint4*>(kz + int64_t(tile) * D + ch0) + h);
+          const uint4 sv = reinterpret_cast<const uint4*>(key_scale_row + ch0)[h];
+          const uint4 zv = reinterpret_cast<const uint4*>(key_zero_row + ch0)[h];
           const uint32_t qa[4] = {qv.x, qv.y, qv.z, qv.w}, sa[4] = {sv.x, sv.y, sv.z, sv.w}, za[4] = {zv.x, zv.y, zv.z, zv.w};
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
@@ -320,8 +413,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          ch.vsc[mt][r] = uint32_t(half_bits_of(uint16_t(ch.vsc[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(ch.vsc[mt][r] >> 16), true)) << 16);
-          ch.vzr[mt][r] = uint32_t(half_bits_of(uint16_t(ch.vzr[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(ch.vzr[mt][r] >> 16), true)) << 16);
+          vm.vsc[mt][r] = uint32_t(half_bits_of(uint16_t(vm.vsc[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vm.vsc[mt][r] >> 16), true)) << 16);
+          vm.vzr[mt][r] = uint32_t(half_bits_of(uint16_t(vm.vzr[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vm.vzr[mt][r] >> 16), true)) << 16);
         }
     }
     // --- scores: rows = 16 tokens, cols = 8 heads, per mma tile ---
@@ -371,44 +464,128 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     for (int i = 0; i < NMV; ++i) {
       acc[i][0] *= alpha[0]; acc[i][1] *= alpha[1]; acc[i][2] *= alpha[0]; acc[i][3] *= alpha[1];
     }
+    zacc[0] *= alpha[0]; zacc[1] *= alpha[1];  // rows 8-15 (zacc[2], zacc[3]) stay zero
 
     // --- out^T[channel, head] += v^T[channel, token] p[token, head] ---
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
       const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2], s[mt][3])));  // tokens 8+2tig..
-      const __half2 s01 = bits_h2(ch.vsc[mt][0]), z01 = bits_h2(ch.vzr[mt][0]);
-      const __half2 s89 = bits_h2(ch.vsc[mt][1]), z89 = bits_h2(ch.vzr[mt][1]);
+      const __half2 s01 = bits_h2(vm.vsc[mt][0]), z01 = bits_h2(vm.vzr[mt][0]);
+      const __half2 s89 = bits_h2(vm.vsc[mt][1]), z89 = bits_h2(vm.vzr[mt][1]);
+      if (fold) {
+        // sum_t p_t (z_t + s_t c_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t: the codes go to the mma as they are, the
+        // scales multiply the probabilities (one hmul2 per 2 tokens), and the zeros form row 0 of one more mma
+        const uint32_t ps0 = h2_bits(__hmul2(bits_h2(b0), s01)), ps1 = h2_bits(__hmul2(bits_h2(b1), s89));
+        const __half2 k1024 = __float2half2_rn(1024.f);
 #pragma unroll
-      for (int mv = 0; mv < NMV; ++mv) {
-        uint32_t lo01, hi01, lo89, hi89;
-        value_pairs<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
-        value_pairs<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
-        mma16816(acc[mv], dequant2(lo01, s01, z01), dequant2(hi01, s01, z01),
-                 dequant2(lo89, s89, z89), dequant2(hi89, s89, z89), b0, b1);
+        for (int mv = 0; mv < NMV; ++mv) {
+          uint32_t lo01, hi01, lo89, hi89;
+          value_pairs<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
+          value_pairs<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
+          mma16816(acc[mv], h2_bits(__hsub2(bits_h2(lo01), k1024)), h2_bits(__hsub2(bits_h2(hi01), k1024)),
+                   h2_bits(__hsub2(bits_h2(lo89), k1024)), h2_bits(__hsub2(bits_h2(hi89), k1024)), ps0, ps1);
+        }
+        mma16816(zacc, gid == 0 ? vm.vzr[mt][0] : 0u, 0u, gid == 0 ? vm.vzr[mt][1] : 0u, 0u, b0, b1);
+      } else {
+#pragma unroll
+        for (int mv = 0; mv < NMV; ++mv) {
+          uint32_t lo01, hi01, lo89, hi89;
+          value_pairs<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
+          value_pairs<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
+          mma16816(acc[mv], dequant2(lo01, s01, z01), dequant2(hi01, s01, z01),
+                   dequant2(lo89, s89, z89), dequant2(hi89, s89, z89), b0, b1);
+        }
       }
     }
   };
 
-#if TT_PREFETCH
+#if TT_PIPE
+  // Each warp streams its chunks through TT_STAGES shared-memory stages of its own: cp.async moves whole 16-byte units
+  // (no registers held while in flight), TT_STAGES - 1 chunks ahead of the one being computed. Only __syncwarp is
+  // needed: no warp reads another warp's stages.
+  using St = Stage<D, KB, VB>;
+  extern __shared__ __align__(16) uint8_t shared_raw[];
+  uint8_t* stages = shared_raw + warp * (TT_STAGES * St::BYTES);
+  auto issue = [&](int c, int stage) {  // always commits a group (empty past the end) so the wait counts stay uniform
+    if (c < c_end) {
+      uint8_t* dst = stages + stage * St::BYTES;
+      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES;  // CH * KR bytes per chunk
+      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES);
+      constexpr int KU = St::VALUES / 16, VU = (St::KSCALE - St::VALUES) / 16;
+#pragma unroll
+      for (int i = 0; i < (KU + 31) / 32; ++i) {
+        const int u = lane + 32 * i;
+        if (KU % 32 == 0 || u < KU) cp_async16(dst + St::KEYS + swizzled_unit<St::KR>(u) * 16, ksrc + u * 16);
+      }
+#pragma unroll
+      for (int i = 0; i < (VU + 31) / 32; ++i) {
+        const int u = lane + 32 * i;
+        if (VU % 32 == 0 || u < VU) cp_async16(dst + St::VALUES + swizzled_unit<St::VR>(u) * 16, vsrc + u * 16);
+      }
+      if (c == c_begin || c % CPT == 0) {  // the chunk that starts a key block (or this warp's run) brings its metadata
+        constexpr int SU = D / 8;          // 16-byte units in a row of D 16-bit numbers
+        const int64_t row = int64_t(c / CPT) * D;
+#pragma unroll
+        for (int i = 0; i < (2 * SU + 31) / 32; ++i) {
+          const int u = lane + 32 * i;
+          if (u < 2 * SU) cp_async16(dst + St::KSCALE + u * 16, (u < SU ? ks : kz) + row + (u % SU) * 8);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);
+  ValueMeta meta_next;
+  if (c_begin < c_end) load_value_meta(meta_next, c_begin * CH);
+  int stage = 0;
+  for (int c = c_begin; c < c_end; ++c) {
+    cp_async_wait<TT_STAGES - 2>();  // this lane's copies of chunk c have landed ...
+    __syncwarp();                    // ... and every lane's; all lanes are done reading the stage refilled next
+    issue(c + TT_STAGES - 1, stage == 0 ? TT_STAGES - 1 : stage - 1);
+    ValueMeta meta = meta_next;  // the value scales come through registers, one chunk ahead
+    if (c + 1 < c_end) load_value_meta(meta_next, (c + 1) * CH);
+    const uint8_t* st = stages + stage * St::BYTES;
+    Chunk ch;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        load_words_shared<SEGK_B>(st + St::KEYS + staged_offset<St::KR>(16 * mt + gid + 8 * r, tig * SEGK_B), ch.kw[mt][r]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        load_words_shared<SEGV_B>(st + St::VALUES + staged_offset<St::VR>(16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1), gid * SEGV_B),
+                                  ch.vw[mt][r]);
+    }
+    compute_chunk(ch, meta, c, reinterpret_cast<const uint16_t*>(st + St::KSCALE), reinterpret_cast<const uint16_t*>(st + St::KSCALE) + D);
+    stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+#elif TT_PREFETCH
   Chunk buf0, buf1;
-  if (c_begin < c_end) load_chunk(buf0, c_begin * CH);
+  ValueMeta vm0, vm1;
+  if (c_begin < c_end) { load_chunk(buf0, c_begin * CH); load_value_meta(vm0, c_begin * CH); }
   for (int c = c_begin; c < c_end; c += 2) {
-    if (c + 1 < c_end) load_chunk(buf1, (c + 1) * CH);
-    compute_chunk(buf0, c);
+    if (c + 1 < c_end) { load_chunk(buf1, (c + 1) * CH); load_value_meta(vm1, (c + 1) * CH); }
+    compute_chunk(buf0, vm0, c, ks + int64_t(c / CPT) * D, kz + int64_t(c / CPT) * D);
     if (c + 1 >= c_end) break;
-    if (c + 2 < c_end) load_chunk(buf0, (c + 2) * CH);
-    compute_chunk(buf1, c + 1);
+    if (c + 2 < c_end) { load_chunk(buf0, (c + 2) * CH); load_value_meta(vm0, (c + 2) * CH); }
+    compute_chunk(buf1, vm1, c + 1, ks + int64_t((c + 1) / CPT) * D, kz + int64_t((c + 1) / CPT) * D);
   }
 #else
   for (int c = c_begin; c < c_end; ++c) {
     Chunk buf;
+    ValueMeta vm;
     load_chunk(buf, c * CH);
-    compute_chunk(buf, c);
+    load_value_meta(vm, c * CH);
+    compute_chunk(buf, vm, c, ks + int64_t(c / CPT) * D, kz + int64_t(c / CPT) * D);
   }
 #endif
 
   // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
+  float zsum[2] = {0.f, 0.f};
+  if (fold) { zsum[0] = __shfl_sync(0xffffffffu, zacc[0], tig); zsum[1] = __shfl_sync(0xffffffffu, zacc[1], tig); }
   const int part = blockIdx.x * WARPS + warp;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -419,7 +596,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       if (gid == 0) { p.ml_part[2 * base] = m_run[e]; p.ml_part[2 * base + 1] = l; }
       float* o = p.o_part + base * D + gid * SEGV;
 #pragma unroll
-      for (int mv = 0; mv < NMV; ++mv) { o[2 * mv] = acc[mv][e]; o[2 * mv + 1] = acc[mv][e + 2]; }
+      for (int mv = 0; mv < NMV; ++mv) { o[2 * mv] = acc[mv][e] + zsum[e]; o[2 * mv + 1] = acc[mv][e + 2] + zsum[e]; }
     }
   }
 }
@@ -450,10 +627,28 @@ __global__ void combine_kernel(const DecodeParams p) {
   else static_cast<uint16_t*>(p.out)[o_idx] = from_float(r, p.is_bf16);
 }
 
+// The kernel of one (head_dim, key bits, value bits), with the dynamic shared memory it needs allowed on the current
+// device (once per device: above 48 KB a kernel must ask, and the carveout prefers shared memory over L1).
+struct KernelRef { const void* fn; int shared; };
+template <int D, int KB, int VB>
+KernelRef kernel_ref() {
+  const void* f = reinterpret_cast<const void*>(&quantized_kernel<D, KB, VB>);
+  constexpr int bytes = shared_bytes<D, KB, VB>();
+  static unsigned long long ready = 0;  // bit per device
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (bytes > 0 && dev < 64 && !(ready >> dev & 1ull)) {
+    cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+    ready |= 1ull << dev;
+  }
+  return {f, bytes};
+}
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.q_splits + p.w_splits, p.Hkv * p.head_groups, p.B);
-  quantized_kernel<D, KB, VB><<<grid, WARPS * 32, 0, stream>>>(p);
+  const KernelRef k = kernel_ref<D, KB, VB>();
+  quantized_kernel<D, KB, VB><<<grid, WARPS * 32, k.shared, stream>>>(p);
 }
 template <int D, int KB>
 void dispatch_vb(const DecodeParams& p, cudaStream_t s) {
@@ -468,13 +663,13 @@ void dispatch_kb(const DecodeParams& p, cudaStream_t s) {
   else dispatch_vb<D, 4>(p, s);
 }
 template <int D, int KB>
-const void* pick_vb(int vb) {
-  if (vb == 2) return reinterpret_cast<const void*>(&quantized_kernel<D, KB, 2>);
-  if (vb == 3) return reinterpret_cast<const void*>(&quantized_kernel<D, KB, 3>);
-  return reinterpret_cast<const void*>(&quantized_kernel<D, KB, 4>);
+KernelRef pick_vb(int vb) {
+  if (vb == 2) return kernel_ref<D, KB, 2>();
+  if (vb == 3) return kernel_ref<D, KB, 3>();
+  return kernel_ref<D, KB, 4>();
 }
 template <int D>
-const void* pick_kb(int kb, int vb) {
+KernelRef pick_kb(int kb, int vb) {
   if (kb == 2) return pick_vb<D, 2>(vb);
   if (kb == 3) return pick_vb<D, 3>(vb);
   return pick_vb<D, 4>(vb);
@@ -483,10 +678,10 @@ const void* pick_kb(int kb, int vb) {
 }  // namespace
 
 int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits) {
-  const void* f = head_dim == 64 ? pick_kb<64>(key_bits, value_bits)
-                : head_dim == 128 ? pick_kb<128>(key_bits, value_bits) : pick_kb<256>(key_bits, value_bits);
+  const KernelRef k = head_dim == 64 ? pick_kb<64>(key_bits, value_bits)
+                    : head_dim == 128 ? pick_kb<128>(key_bits, value_bits) : pick_kb<256>(key_bits, value_bits);
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, f, WARPS * 32, 0) != cudaSuccess) return 1;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, WARPS * 32, k.shared) != cudaSuccess) return 1;
   return n > 0 ? n : 1;
 }
 

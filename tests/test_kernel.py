@@ -24,7 +24,7 @@ def relative_error(out, ref):
     return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
-def check(B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked=False, q_scale=1.0, flush=True, seed=0):
+def check(B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked=False, q_scale=1.0, flush=True, seed=0, defines=None):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     h = make_history(B, Hkv, D, tokens, key_bits, value_bits, vgs, dtype, flush, gen)
     q = (torch.randn(B, Hkv * G, 1, D, device="cuda", generator=gen) * q_scale).to(dtype)
@@ -33,12 +33,12 @@ def check(B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked=False, 
         starts = torch.randint(0, tokens, (B,), device="cuda", generator=gen)
         mask = torch.arange(tokens, device="cuda")[None] >= starts[:, None]
     assert kernel_supports(h, q) is None
-    out = fused_decode_attention(q, h, mask=mask, out_dtype=torch.float32)  # the kernel's own arithmetic
+    out = fused_decode_attention(q, h, mask=mask, out_dtype=torch.float32, defines=defines)  # the kernel's own arithmetic
     assert torch.isfinite(out).all()
     err = relative_error(out, reference_decode_attention(q, h, mask=mask))
     assert err < TOLERANCE, (B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked, q_scale, err)
     # in the model's dtype the result is the same numbers, rounded once (bf16 rounding alone is up to 2**-9 relative)
-    torch.testing.assert_close(fused_decode_attention(q, h, mask=mask), out.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(fused_decode_attention(q, h, mask=mask, defines=defines), out.to(dtype), rtol=0, atol=0)
     return err
 
 
@@ -76,6 +76,14 @@ def test_random_shapes():
                             q_scale=rng.choice([0.5, 1.0, 3.0]), flush=rng.random() < 0.8, seed=i))
     print("max relative error over random shapes:", max(errors))
     assert max(errors) < TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defines", [("TT_PIPE=0",), ("TT_FOLD=1",)])  # the previous default; the folded value scales
+def test_kernel_variants(defines):
+    "The variants kept behind macros (each a separate build) stay correct on a few of the fixed shapes."
+    for case in (FIXED[0], FIXED[3], FIXED[4], FIXED[8]):
+        check(*case, defines=defines)
 
 
 def test_unsupported_inputs_say_why():

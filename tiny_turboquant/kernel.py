@@ -8,14 +8,14 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/cuda.html.md"""
 __all__ = ['KERNEL_DEFINES', 'ATTENTION_NAME', 'kernel_source_dir', 'build_kernel', 'kernel_supports', 'fused_decode_attention',
            'exact_history', 'reference_decode_attention', 'tiny_attention', 'use_fused_attention', 'load_results']
 
-# %% ../nbs/08_cuda.ipynb #c0f745dd
+# %% ../nbs/08_cuda.ipynb #67691dbb
 import json, math, os
 from pathlib import Path
 import torch
 from .affine import unpack_bits
 from .window import CompressedKV
 
-# %% ../nbs/08_cuda.ipynb #b4071d21
+# %% ../nbs/08_cuda.ipynb #8be8867e
 def kernel_source_dir():
     "The folder holding `decode_attention.cu`: inside the installed package, or `cuda/` beside it in a checkout."
     here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd().parent / "tiny_turboquant"
@@ -51,7 +51,7 @@ def build_kernel(verbose=False, defines=()):
                            "-gencode=arch=compute_80,code=compute_80"] + [f"-D{d}" for d in defines])
     return _EXTENSIONS[defines]
 
-# %% ../nbs/08_cuda.ipynb #bfc5b1a1
+# %% ../nbs/08_cuda.ipynb #447b776f
 def kernel_supports(history:CompressedKV, query):
     "`None` if the fused kernel can attend `query` `[B, Hq, 1, D]` over `history`, else the reason it cannot."
     D = query.shape[-1]
@@ -75,7 +75,7 @@ def _empty_store(h:CompressedKV):
     groups = 1 if h.value_group_size is None else D // h.value_group_size
     return codes(h.key_bits), scale(D), scale(D), codes(h.value_bits), scale(groups), scale(groups)
 
-# kernel variant macros for every call, e.g. "TT_PREFETCH=1" (benchmarks compare variants; the defaults are the fastest)
+# kernel variant macros for every call, e.g. "TT_PIPE=0" (benchmarks compare variants; the defaults are the fastest)
 KERNEL_DEFINES = tuple(os.environ.get("TINY_TURBOQUANT_KERNEL_DEFINES", "").split())
 
 def fused_decode_attention(query, history:CompressedKV, scale=None, mask=None, out_dtype=None, defines=None):
@@ -94,7 +94,7 @@ def fused_decode_attention(query, history:CompressedKV, scale=None, mask=None, o
     return kernel.decode_attention(q, *store, h.window_keys, h.window_values, mask, h.key_bits, h.value_bits,
                                    float(scale), out_dtype == torch.float32)
 
-# %% ../nbs/08_cuda.ipynb #b34017aa
+# %% ../nbs/08_cuda.ipynb #4a84f528
 def exact_history(h:CompressedKV):
     "Keys and values `[B, H, tokens, D]` in float64, recomputed exactly from the stored codes, scales and zeros."
     ks, vs = [], []
@@ -119,7 +119,7 @@ def reference_decode_attention(query, history:CompressedKV, scale=None, mask=Non
     if mask is not None: s = s.masked_fill(~mask[:, None, None, :k.shape[2]].to(s.device), -math.inf)
     return (s.softmax(-1) @ v).reshape(B, Hq, D)
 
-# %% ../nbs/08_cuda.ipynb #34fe4a33
+# %% ../nbs/08_cuda.ipynb #d2fc7f97
 ATTENTION_NAME = "tiny_turboquant"
 
 def _key_mask(attention_mask, tokens):
@@ -155,7 +155,7 @@ def use_fused_attention(model):
         else: model.config._attn_implementation = ATTENTION_NAME
     return model
 
-# %% ../nbs/08_cuda.ipynb #47bc39c2
+# %% ../nbs/08_cuda.ipynb #b5234587
 def load_results(name):
     "A benchmark result JSON from `benchmarks/results/`, or `None` when it was not run yet."
     here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd().parent / "tiny_turboquant"
