@@ -5,7 +5,7 @@ missing). Each scored token reads the compressed history: see nbs/07_eval.ipynb.
 """
 import pytest, torch
 import tiny_turboquant.eval as ev
-from tiny_turboquant.cache import PRESETS
+from tiny_turboquant.cache import PRESETS, TinyKVCache
 from tiny_turboquant.models import corpus_files, load_model, sample_text
 
 CONTEXT, PREFIX, CHUNK, MIN_SCORED = 2048, 512, 64, 8000
@@ -41,7 +41,10 @@ def test_harness_refuses_a_cache_that_is_not_read(model, tokens, monkeypatch):
 
 def test_harness_refuses_a_lossy_reference(model, tokens, monkeypatch):
     real = ev.parse_method
-    monkeypatch.setattr(ev, "parse_method", lambda s, *a, **k: real("aggressive" if s == "uncompressed" else s, *a, **k))
+    def lossy(spec, *args, **kwargs):  # the "uncompressed" reference secretly quantizes (aggressive preset)
+        if spec != "uncompressed": return real(spec, *args, **kwargs)
+        return ev.Method("uncompressed", lambda m: TinyKVCache.for_model(m, "aggressive"), "reference")
+    monkeypatch.setattr(ev, "parse_method", lossy)
     with pytest.raises(ev.HarnessError, match="relative error"):
         ev.harness_check(model[0], tokens[:CONTEXT], PREFIX, CHUNK, scored=128)
 

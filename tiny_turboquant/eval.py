@@ -13,7 +13,7 @@ __all__ = ['PEER_BITS', 'PEER_AXIS', 'PEER_PACKAGE', 'PASSKEY_INTRO', 'ANSWER_TO
            'greedy_logprobs', 'validate', 'default_prompts', 'encode_prompt', 'read_prompts', 'validate_main',
            'with_passkey']
 
-# %% ../nbs/07_eval.ipynb #a60a41ad
+# %% ../nbs/07_eval.ipynb #22d9dce9
 import argparse, hashlib, json, os, platform, re, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from .cache import PRESETS, TinyKVCache
 from .models import corpus_files, load_model, sample_text
 from .demo import demo_prompt, first_divergence
 
-# %% ../nbs/07_eval.ipynb #916b51e7
+# %% ../nbs/07_eval.ipynb #9773c7d1
 @dataclass
 class Method:
     "A named recipe for a fresh KV cache: ours (`tiny`), transformers' `QuantizedCache` (`peer`) or a `reference`."
@@ -54,7 +54,7 @@ def peer_unavailable(backend):
                 f"{' '.join(str(e).split())[:120]}); install it with pip install --no-deps {package}")
     return None
 
-# %% ../nbs/07_eval.ipynb #adc8a735
+# %% ../nbs/07_eval.ipynb #374717aa
 def one_bit(x):
     "Each channel (last dim) over the token axis replaced by mean +- mean absolute deviation: 1 bit per number."
     mean = x.mean(-2, keepdim=True)
@@ -76,7 +76,7 @@ def one_bit_cache(model):
     n = model.config.get_text_config(decoder=True).num_hidden_layers
     return transformers.cache_utils.Cache(layers=[OneBitLayer() for _ in range(n)])
 
-# %% ../nbs/07_eval.ipynb #a174adc9
+# %% ../nbs/07_eval.ipynb #e3e80e9b
 def parse_method(spec, residual_length=128, protect_first=0, protect_last=0):
     "The `Method` for a spec string: a preset, `kXvY`, `quanto:B[:axis]`, `hqq:B[:axis]`, `uncompressed` or `onebit`."
     s = str(spec).strip().lower()
@@ -103,7 +103,7 @@ def parse_method(spec, residual_length=128, protect_first=0, protect_last=0):
     raise ValueError(f"unknown method {spec!r}: use a preset {list(PRESETS)}, kXvY with X, Y in 2..4 (e.g. k2v2), "
                      "quanto:B (B in 2, 4), hqq:B (B in 1, 2, 3, 4, 8), uncompressed or onebit")
 
-# %% ../nbs/07_eval.ipynb #5d35b3ec
+# %% ../nbs/07_eval.ipynb #58a99cbb
 def _tensors(obj):
     "Every plain tensor inside `obj` (tensor subclasses such as quanto's are unpacked, dicts and tuples walked)."
     if isinstance(obj, torch.Tensor):
@@ -133,7 +133,7 @@ def cache_bytes(cache):
         uncompressed += 2 * shape[0] * shape[1] * tokens * shape[-1] * layer.keys.element_size()
     return held, uncompressed
 
-# %% ../nbs/07_eval.ipynb #24f0eb31
+# %% ../nbs/07_eval.ipynb #843f4038
 @torch.inference_mode()
 def prefill_states(model, ids, step=2048):
     "Per-layer (keys, values) of `ids` (1-D), computed with an uncompressed cache in pieces of `step` tokens."
@@ -149,7 +149,7 @@ def load_states(cache, states, n=None, dtype=None):
         cache.update(k.clone(), v.clone(), i)
     return cache
 
-# %% ../nbs/07_eval.ipynb #0cdd1e1c
+# %% ../nbs/07_eval.ipynb #e00525f9
 @dataclass
 class Score:
     "Running totals of one method over the scored tokens."
@@ -188,7 +188,7 @@ def score_chunks(model, window, prefix, chunk, cache, ref_logprobs, score):
     score.held_bytes, score.uncompressed_bytes = cache_bytes(cache)
     return score
 
-# %% ../nbs/07_eval.ipynb #ce1409bc
+# %% ../nbs/07_eval.ipynb #e93d15ee
 def check_protocol(context, prefix, chunk, residual_length=128):
     "Raise a ValueError unless the window sizes make an honest run."
     for name, v in (("context", context), ("prefix", prefix), ("chunk", chunk)):
@@ -206,7 +206,7 @@ def split_windows(ids, context, max_tokens=None, prefix=0):
     if max_tokens is not None: n = min(n, max(1, -(-max_tokens // (context - prefix - 1))))
     return [ids[i * context:(i + 1) * context] for i in range(n)]
 
-# %% ../nbs/07_eval.ipynb #3af5715c
+# %% ../nbs/07_eval.ipynb #37d0c5ae
 def _peer_guard(method, errors, fn):
     "Run `fn()`; a peer's failure is recorded in `errors` (and said on stderr) instead of ending the run."
     if method.name in errors: return None
@@ -235,7 +235,7 @@ def evaluate(model, windows, methods, prefix=512, chunk=64, progress=False):
     for name, why in errors.items(): scores[name] = Score(error=why)
     return scores
 
-# %% ../nbs/07_eval.ipynb #62dfa4a2
+# %% ../nbs/07_eval.ipynb #82d3c353
 class HarnessError(ValueError): "The evaluation harness failed its own check; no numbers are reported."
 
 def harness_check(model, window, prefix=512, chunk=64, scored=512):
@@ -256,7 +256,7 @@ def harness_check(model, window, prefix=512, chunk=64, scored=512):
     res["passed"] = True
     return res
 
-# %% ../nbs/07_eval.ipynb #c5131021
+# %% ../nbs/07_eval.ipynb #20d3359a
 def load_text(source="austen", path=None):
     "(name, text) for `--text` (`austen`, `pydoc`, `wikitext2`) or `--text-file` `path`."
     if path is not None:
@@ -280,7 +280,7 @@ def load_text(source="austen", path=None):
         return "wikitext2", "".join(rows["text"])
     raise ValueError(f"unknown --text {source!r}; choose austen, pydoc or wikitext2, or pass --text-file")
 
-# %% ../nbs/07_eval.ipynb #a733e94c
+# %% ../nbs/07_eval.ipynb #795a78fc
 def ratios_at(model, ids, methods, dtype=torch.float16):
     "For each method: bytes held and ratio after a prefill of `ids` (1-D) with keys and values in `dtype`."
     states = prefill_states(model, ids)
@@ -293,7 +293,7 @@ def ratios_at(model, ids, methods, dtype=torch.float16):
                            uncompressed_bytes=full, ratio=full / held)
     return out
 
-# %% ../nbs/07_eval.ipynb #3341fb46
+# %% ../nbs/07_eval.ipynb #b55aa9a6
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about it.")
 ANSWER_TOKENS = 8
@@ -342,7 +342,7 @@ def passkey(model, tok, methods, lengths=(2048, 4096, 8192), trials=5, seed=0, p
     bar.close()
     return {name: {n: h / trials for n, h in per.items()} for name, per in hits.items() if name not in errors}
 
-# %% ../nbs/07_eval.ipynb #a4bd75fb
+# %% ../nbs/07_eval.ipynb #7466f51f
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr."
     def error(self, message): _fail(self.prog, message, 2)
@@ -374,7 +374,7 @@ def machine():
     return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
-# %% ../nbs/07_eval.ipynb #592bae7e
+# %% ../nbs/07_eval.ipynb #a54f4b58
 def _add_model_args(p):
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--compression", default=None, help="preset, or comma-separated presets / kXvY specs (e.g. safe,k2v2)")
@@ -426,7 +426,7 @@ def _write(report, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
-# %% ../nbs/07_eval.ipynb #dcb0d081
+# %% ../nbs/07_eval.ipynb #282ab71f
 def run_eval(args):
     "Everything `tiny-turboquant-eval` does, from parsed `args`; returns the report."
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
@@ -484,9 +484,9 @@ def run_eval(args):
     report["seconds"] = time.perf_counter() - t_start
     return report
 
-# %% ../nbs/07_eval.ipynb #c791757e
-def _fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
+# %% ../nbs/07_eval.ipynb #5c7e2ecc
+def _fmt(v, spec, unit=""):
+    return "n/a" if v is None else format(v, spec) + unit
 
 def _tokens(n): return f"{int(n) // 1024}k" if int(n) % 1024 == 0 else str(n)
 
@@ -502,8 +502,8 @@ def quality_table(report):
                     + "".join(f" {pk[n]:.0%} |" for n in lengths))
     for r in report["results"]:
         ratio = r.get("ratio_at_context", r.get("ratio"))
-        rows.append(f"| {r['name']} ({r['kind']}) | {r['key_bits']}/{r['value_bits']} | {_fmt(ratio, '.2f')}x | "
-                    f"{_fmt(r.get('delta_ppl'), '+.3f')} | {_fmt(r.get('delta_ppl_pct'), '+.2f')}% | {_fmt(r.get('kl'), '.4f')} |"
+        rows.append(f"| {r['name']} ({r['kind']}) | {r['key_bits']}/{r['value_bits']} | {_fmt(ratio, '.2f', 'x')} | "
+                    f"{_fmt(r.get('delta_ppl'), '+.3f')} | {_fmt(r.get('delta_ppl_pct'), '+.2f', '%')} | {_fmt(r.get('kl'), '.4f')} |"
                     + "".join(f" {r['passkey'][n]:.0%} |" if 'passkey' in r else " n/a |" for n in lengths))
     for s in report.get("skipped", []): rows.append(f"| {s['name']} (peer) | not run: {s['reason']} |")
     return "\n".join(rows)
@@ -519,13 +519,15 @@ def pareto_plot(report, path=None, ax=None):
         ax.scatter(x, [r["delta_ppl_pct"] for r in rs], marker=marker, label=label, s=50)
         for xi, r in zip(x, rs): ax.annotate(r["name"], (xi, r["delta_ppl_pct"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"compression ratio (bytes held at {report['results'][0].get('ratio_context', report['protocol']['context'])} tokens)")
-    ax.set_ylabel("perplexity increase (%)"); ax.set_yscale("symlog", linthresh=1)
+    ys = [r["delta_ppl_pct"] for r in report["results"] if "delta_ppl_pct" in r]
+    ax.set_ylabel("perplexity increase (%)"); ax.set_yscale("log" if min(ys) > 0 else "symlog")
     ax.grid(alpha=0.3); ax.legend()
-    ax.set_title(f"{report['model']} on {report['text']['source'][:40]}: {report['baseline']['scored_tokens']} tokens scored", fontsize=9)
+    ax.set_title(f"{report['model']}, {report['text']['source'].split(':')[0]} text, {report['baseline']['scored_tokens']} tokens "
+                 f"scored (context {report['protocol']['context']}, prefix {report['protocol']['prefix']}, chunk {report['protocol']['chunk']})", fontsize=9)
     if path: ax.figure.savefig(path, dpi=120, bbox_inches="tight")
     return ax
 
-# %% ../nbs/07_eval.ipynb #f22f34bf
+# %% ../nbs/07_eval.ipynb #fe8d472a
 def eval_main(argv=None):
     "Command line: honest perplexity / KL / bytes held (and passkey) of TinyKVCache and transformers' QuantizedCache."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -557,7 +559,7 @@ def eval_main(argv=None):
         return report
     return _run_cli(p.prog, body)
 
-# %% ../nbs/07_eval.ipynb #1f21d704
+# %% ../nbs/07_eval.ipynb #e8038fe9
 @torch.inference_mode()
 def greedy_logprobs(model, prompt, cache, steps, forced=None, eos=None):
     "Greedy decode `steps` tokens (or feed `forced` tokens one at a time): (tokens, per-step log-probs)."
@@ -606,7 +608,7 @@ def encode_prompt(tok, prompt):
                                        return_tensors="pt", return_dict=True)["input_ids"][0]
     return tok(prompt, return_tensors="pt")["input_ids"][0]
 
-# %% ../nbs/07_eval.ipynb #b994fed2
+# %% ../nbs/07_eval.ipynb #75d8f890
 def read_prompts(path):
     "Prompts from a text file, separated by lines holding only `---`."
     p = Path(path)
@@ -651,7 +653,7 @@ def validate_main(argv=None):
         return report
     return _run_cli(p.prog, body)
 
-# %% ../nbs/07_eval.ipynb #4dc754de
+# %% ../nbs/07_eval.ipynb #893f6654
 def with_passkey(report, passkey_report):
     "A copy of eval `report` with the passkey accuracies of `passkey_report` (same method names) merged in."
     out = dict(report, passkey_uncompressed=passkey_report["passkey_uncompressed"],
