@@ -13,7 +13,7 @@ __all__ = ['PEER_BITS', 'PEER_AXIS', 'PEER_PACKAGE', 'PASSKEY_INTRO', 'ANSWER_TO
            'greedy_logprobs', 'validate', 'default_prompts', 'encode_prompt', 'read_prompts', 'validate_main',
            'with_passkey']
 
-# %% ../nbs/07_eval.ipynb #22d9dce9
+# %% ../nbs/07_eval.ipynb #6022cdba
 import argparse, hashlib, json, os, platform, re, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from .cache import PRESETS, TinyKVCache
 from .models import corpus_files, load_model, sample_text
 from .demo import demo_prompt, first_divergence
 
-# %% ../nbs/07_eval.ipynb #9773c7d1
+# %% ../nbs/07_eval.ipynb #6e4d0e41
 @dataclass
 class Method:
     "A named recipe for a fresh KV cache: ours (`tiny`), transformers' `QuantizedCache` (`peer`) or a `reference`."
@@ -54,7 +54,7 @@ def peer_unavailable(backend):
                 f"{' '.join(str(e).split())[:120]}); install it with pip install --no-deps {package}")
     return None
 
-# %% ../nbs/07_eval.ipynb #374717aa
+# %% ../nbs/07_eval.ipynb #bb4c075d
 def one_bit(x):
     "Each channel (last dim) over the token axis replaced by mean +- mean absolute deviation: 1 bit per number."
     mean = x.mean(-2, keepdim=True)
@@ -76,7 +76,7 @@ def one_bit_cache(model):
     n = model.config.get_text_config(decoder=True).num_hidden_layers
     return transformers.cache_utils.Cache(layers=[OneBitLayer() for _ in range(n)])
 
-# %% ../nbs/07_eval.ipynb #e3e80e9b
+# %% ../nbs/07_eval.ipynb #cef05139
 def parse_method(spec, residual_length=128, protect_first=0, protect_last=0):
     "The `Method` for a spec string: a preset, `kXvY`, `quanto:B[:axis]`, `hqq:B[:axis]`, `uncompressed` or `onebit`."
     s = str(spec).strip().lower()
@@ -103,7 +103,7 @@ def parse_method(spec, residual_length=128, protect_first=0, protect_last=0):
     raise ValueError(f"unknown method {spec!r}: use a preset {list(PRESETS)}, kXvY with X, Y in 2..4 (e.g. k2v2), "
                      "quanto:B (B in 2, 4), hqq:B (B in 1, 2, 3, 4, 8), uncompressed or onebit")
 
-# %% ../nbs/07_eval.ipynb #58a99cbb
+# %% ../nbs/07_eval.ipynb #d20646a3
 def _tensors(obj):
     "Every plain tensor inside `obj` (tensor subclasses such as quanto's are unpacked, dicts and tuples walked)."
     if isinstance(obj, torch.Tensor):
@@ -133,7 +133,7 @@ def cache_bytes(cache):
         uncompressed += 2 * shape[0] * shape[1] * tokens * shape[-1] * layer.keys.element_size()
     return held, uncompressed
 
-# %% ../nbs/07_eval.ipynb #843f4038
+# %% ../nbs/07_eval.ipynb #18079109
 @torch.inference_mode()
 def prefill_states(model, ids, step=2048):
     "Per-layer (keys, values) of `ids` (1-D), computed with an uncompressed cache in pieces of `step` tokens."
@@ -149,7 +149,7 @@ def load_states(cache, states, n=None, dtype=None):
         cache.update(k.clone(), v.clone(), i)
     return cache
 
-# %% ../nbs/07_eval.ipynb #e00525f9
+# %% ../nbs/07_eval.ipynb #216d250a
 @dataclass
 class Score:
     "Running totals of one method over the scored tokens."
@@ -188,7 +188,7 @@ def score_chunks(model, window, prefix, chunk, cache, ref_logprobs, score):
     score.held_bytes, score.uncompressed_bytes = cache_bytes(cache)
     return score
 
-# %% ../nbs/07_eval.ipynb #e93d15ee
+# %% ../nbs/07_eval.ipynb #3b8f327a
 def check_protocol(context, prefix, chunk, residual_length=128):
     "Raise a ValueError unless the window sizes make an honest run."
     for name, v in (("context", context), ("prefix", prefix), ("chunk", chunk)):
@@ -206,7 +206,7 @@ def split_windows(ids, context, max_tokens=None, prefix=0):
     if max_tokens is not None: n = min(n, max(1, -(-max_tokens // (context - prefix - 1))))
     return [ids[i * context:(i + 1) * context] for i in range(n)]
 
-# %% ../nbs/07_eval.ipynb #37d0c5ae
+# %% ../nbs/07_eval.ipynb #8f12ee25
 def _peer_guard(method, errors, fn):
     "Run `fn()`; a peer's failure is recorded in `errors` (and said on stderr) instead of ending the run."
     if method.name in errors: return None
@@ -235,7 +235,7 @@ def evaluate(model, windows, methods, prefix=512, chunk=64, progress=False):
     for name, why in errors.items(): scores[name] = Score(error=why)
     return scores
 
-# %% ../nbs/07_eval.ipynb #82d3c353
+# %% ../nbs/07_eval.ipynb #1194eb4a
 class HarnessError(ValueError): "The evaluation harness failed its own check; no numbers are reported."
 
 def harness_check(model, window, prefix=512, chunk=64, scored=512):
@@ -256,7 +256,7 @@ def harness_check(model, window, prefix=512, chunk=64, scored=512):
     res["passed"] = True
     return res
 
-# %% ../nbs/07_eval.ipynb #20d3359a
+# %% ../nbs/07_eval.ipynb #16ee95f2
 def load_text(source="austen", path=None):
     "(name, text) for `--text` (`austen`, `pydoc`, `wikitext2`) or `--text-file` `path`."
     if path is not None:
@@ -280,7 +280,7 @@ def load_text(source="austen", path=None):
         return "wikitext2", "".join(rows["text"])
     raise ValueError(f"unknown --text {source!r}; choose austen, pydoc or wikitext2, or pass --text-file")
 
-# %% ../nbs/07_eval.ipynb #795a78fc
+# %% ../nbs/07_eval.ipynb #a5544b98
 def ratios_at(model, ids, methods, dtype=torch.float16):
     "For each method: bytes held and ratio after a prefill of `ids` (1-D) with keys and values in `dtype`."
     states = prefill_states(model, ids)
@@ -293,7 +293,7 @@ def ratios_at(model, ids, methods, dtype=torch.float16):
                            uncompressed_bytes=full, ratio=full / held)
     return out
 
-# %% ../nbs/07_eval.ipynb #b55aa9a6
+# %% ../nbs/07_eval.ipynb #8fde1d25
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about it.")
 ANSWER_TOKENS = 8
@@ -342,7 +342,7 @@ def passkey(model, tok, methods, lengths=(2048, 4096, 8192), trials=5, seed=0, p
     bar.close()
     return {name: {n: h / trials for n, h in per.items()} for name, per in hits.items() if name not in errors}
 
-# %% ../nbs/07_eval.ipynb #7466f51f
+# %% ../nbs/07_eval.ipynb #b9343699
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr."
     def error(self, message): _fail(self.prog, message, 2)
@@ -374,7 +374,7 @@ def machine():
     return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
-# %% ../nbs/07_eval.ipynb #a54f4b58
+# %% ../nbs/07_eval.ipynb #189c4ea3
 def _add_model_args(p):
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--compression", default=None, help="preset, or comma-separated presets / kXvY specs (e.g. safe,k2v2)")
@@ -426,7 +426,7 @@ def _write(report, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
-# %% ../nbs/07_eval.ipynb #282ab71f
+# %% ../nbs/07_eval.ipynb #c29d12d4
 def run_eval(args):
     "Everything `tiny-turboquant-eval` does, from parsed `args`; returns the report."
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
@@ -484,7 +484,7 @@ def run_eval(args):
     report["seconds"] = time.perf_counter() - t_start
     return report
 
-# %% ../nbs/07_eval.ipynb #5c7e2ecc
+# %% ../nbs/07_eval.ipynb #5859bdc4
 def _fmt(v, spec, unit=""):
     return "n/a" if v is None else format(v, spec) + unit
 
@@ -527,7 +527,7 @@ def pareto_plot(report, path=None, ax=None):
     if path: ax.figure.savefig(path, dpi=120, bbox_inches="tight")
     return ax
 
-# %% ../nbs/07_eval.ipynb #fe8d472a
+# %% ../nbs/07_eval.ipynb #98ffcd0e
 def eval_main(argv=None):
     "Command line: honest perplexity / KL / bytes held (and passkey) of TinyKVCache and transformers' QuantizedCache."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -559,7 +559,7 @@ def eval_main(argv=None):
         return report
     return _run_cli(p.prog, body)
 
-# %% ../nbs/07_eval.ipynb #e8038fe9
+# %% ../nbs/07_eval.ipynb #1c89c98a
 @torch.inference_mode()
 def greedy_logprobs(model, prompt, cache, steps, forced=None, eos=None):
     "Greedy decode `steps` tokens (or feed `forced` tokens one at a time): (tokens, per-step log-probs)."
@@ -608,7 +608,7 @@ def encode_prompt(tok, prompt):
                                        return_tensors="pt", return_dict=True)["input_ids"][0]
     return tok(prompt, return_tensors="pt")["input_ids"][0]
 
-# %% ../nbs/07_eval.ipynb #75d8f890
+# %% ../nbs/07_eval.ipynb #5579488c
 def read_prompts(path):
     "Prompts from a text file, separated by lines holding only `---`."
     p = Path(path)
@@ -637,15 +637,17 @@ def validate_main(argv=None):
             model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])] if e is not None}
         rows = validate(model, [encode_prompt(tok, t) for t in texts], methods[0], args.max_new_tokens, eos)
         print(f"{methods[0].name} vs uncompressed, greedy, {args.model or 'SmolLM2-135M-Instruct (embedded)'} ({args.dtype})\n")
-        print("| prompt | tokens | generated | agreement | first divergence | KL/step (teacher-forced) | ratio | saved |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| prompt | tokens | generated | agreement | first divergence | teacher-forced agreement | KL/step | ratio | saved |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for i, r in enumerate(rows):
             print(f"| {i} | {r['prompt_tokens']} | {r['generated']} | {r['agreement']:.0%} | {r['first_divergence']} | "
-                  f"{r['kl_mean']:.4f} | {r['ratio']:.2f}x | {r['saved_bytes'] / 2**20:.1f} MiB |")
+                  f"{r['teacher_forced_agreement']:.0%} | {r['kl_mean']:.4f} | {r['ratio']:.2f}x | {r['saved_bytes'] / 2**20:.1f} MiB |")
         mean = lambda k: sum(r[k] for r in rows) / len(rows)
-        summary = dict(agreement=mean("agreement"), kl_mean=mean("kl_mean"), first_divergence_mean=mean("first_divergence"),
+        summary = dict(agreement=mean("agreement"), teacher_forced_agreement=mean("teacher_forced_agreement"),
+                       kl_mean=mean("kl_mean"), first_divergence_mean=mean("first_divergence"),
                        ratio=sum(r["uncompressed_bytes"] for r in rows) / sum(r["held_bytes"] for r in rows))
-        print(f"\nmean agreement {summary['agreement']:.0%}, mean KL/step {summary['kl_mean']:.4f}, ratio {summary['ratio']:.2f}x")
+        print(f"\nmean free-running agreement {summary['agreement']:.0%}, teacher-forced {summary['teacher_forced_agreement']:.0%}, "
+              f"mean KL/step {summary['kl_mean']:.4f}, ratio {summary['ratio']:.2f}x ({args.dtype} model, metadata in 16 bits)")
         report = dict(command="tiny-turboquant-validate " + " ".join(argv), model=args.model or "SmolLM2-135M-Instruct (embedded)",
                       method=methods[0].name, dtype=args.dtype, max_new_tokens=args.max_new_tokens, prompts=len(rows),
                       summary=summary, rows=rows, versions=versions(), machine=machine(), seconds=time.perf_counter() - t0)
@@ -653,7 +655,7 @@ def validate_main(argv=None):
         return report
     return _run_cli(p.prog, body)
 
-# %% ../nbs/07_eval.ipynb #893f6654
+# %% ../nbs/07_eval.ipynb #b26063de
 def with_passkey(report, passkey_report):
     "A copy of eval `report` with the passkey accuracies of `passkey_report` (same method names) merged in."
     out = dict(report, passkey_uncompressed=passkey_report["passkey_uncompressed"],
