@@ -11,7 +11,7 @@ __all__ = ['log', 'CHATML', 'COMPRESSIONS', 'StreamText', 'byte_tokenizer', 'sam
            'ChatRequest', 'CompletionRequest', 'APIError', 'error_response', 'chat_prompt', 'completion_prompts',
            'make_job', 'make_app', 'serve', 'build_app', 'main']
 
-# %% ../nbs/06_server.ipynb #d5604907
+# %% ../nbs/06_server.ipynb #7aa83f76
 import argparse, asyncio, contextlib, inspect, json, logging, queue, random, socket, threading, time, uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,7 +35,7 @@ except ImportError as e:  # the server is an optional extra
 
 log = logging.getLogger("tiny_turboquant.server")
 
-# %% ../nbs/06_server.ipynb #0b52db28
+# %% ../nbs/06_server.ipynb #e02b1ac3
 class StreamText:
     "Text of a growing token sequence, handed out in pieces that never change, ending before the first stop string."
     def __init__(self, tokenizer, stop=(), lock=None):
@@ -75,7 +75,7 @@ class StreamText:
         self._grow(final=True)
         return self._release(final=True)[0]
 
-# %% ../nbs/06_server.ipynb #8cbe5a89
+# %% ../nbs/06_server.ipynb #a4652f16
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -92,7 +92,7 @@ def byte_tokenizer():
     tok.chat_template = CHATML
     return tok
 
-# %% ../nbs/06_server.ipynb #2e65d4a9
+# %% ../nbs/06_server.ipynb #8d4d4a4c
 def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
     "One token id from `logits` `[vocab]`: greedy when `temperature` is 0, else nucleus sampling with `top_p`."
     if temperature == 0: return int(logits.argmax())
@@ -105,7 +105,7 @@ def sample_token(logits, temperature=1.0, top_p=1.0, generator=None):
         return int(order[torch.multinomial(p * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
-# %% ../nbs/06_server.ipynb #b1ab2fc4
+# %% ../nbs/06_server.ipynb #39a52557
 COMPRESSIONS = (*PRESETS, "none")
 
 def cache_factory(model, compression="safe", key_bits=None, value_bits=None, **kwargs):
@@ -127,7 +127,7 @@ def kv_bytes(cache):
     r = memory_report(cache)  # the same count for any cache's layers
     return r.held_bytes, r.uncompressed_bytes
 
-# %% ../nbs/06_server.ipynb #58656619
+# %% ../nbs/06_server.ipynb #c9f01805
 @dataclass
 class Job:
     "One request for the engine: prompts as token ids, `n` sequences each, sampling settings, and where events go."
@@ -172,7 +172,7 @@ class Cohort:
     measured_at: float = 0.0
     measured_rows: int = 0
 
-# %% ../nbs/06_server.ipynb #d10a11ba
+# %% ../nbs/06_server.ipynb #25e634c5
 class QueueFull(Exception): "The engine cannot take another job now."
 
 def _step_kwargs(model, cache):
@@ -193,7 +193,7 @@ def eos_ids(model, tokenizer):
     for i in ids: flat |= set(i) if isinstance(i, (list, tuple)) else {i}
     return {int(i) for i in flat if i is not None}
 
-# %% ../nbs/06_server.ipynb #e75f1c6f
+# %% ../nbs/06_server.ipynb #ba18100c
 class Engine:
     "Owns the model; a background thread decodes all jobs in shared batched steps, each batch with its own KV cache."
     def __init__(self, model, tokenizer, make_cache=None, max_batch=16, max_queue=64, max_new_tokens_limit=1024,
@@ -220,7 +220,7 @@ class Engine:
     def __repr__(self):
         return f"Engine({type(self.model).__name__}, max_batch={self.max_batch}, max_queue={self.max_queue})"
 
-# %% ../nbs/06_server.ipynb #efb7ed74
+# %% ../nbs/06_server.ipynb #f5e55904
 def _rows_waiting(self): return sum(len(j.rows) for j in self._waiting)
 def _rows_active(self): return sum(len(c.rows) for c in self._cohorts)
 Engine.rows_waiting, Engine.rows_active = _rows_waiting, _rows_active
@@ -260,7 +260,7 @@ def _cancel(self:Engine, job):
 
 Engine.submit, Engine.cancel = _submit, _cancel
 
-# %% ../nbs/06_server.ipynb #6c78dd4d
+# %% ../nbs/06_server.ipynb #b7355d43
 def _forward(self:Engine, ids, cohort):
     kw = _step_kwargs(self.model, cohort.cache)
     out = self.model(input_ids=ids, attention_mask=cohort.mask, position_ids=cohort.pos, use_cache=True, **kw)
@@ -287,7 +287,7 @@ def _decode_step(self:Engine, cohort):
 
 Engine._forward, Engine._prefill, Engine._decode_step = _forward, _prefill, _decode_step
 
-# %% ../nbs/06_server.ipynb #233c0aae
+# %% ../nbs/06_server.ipynb #2e947ff6
 def _finish(self:Engine, row, reason):
     job = row.job
     if reason != "stop_string":
@@ -295,10 +295,11 @@ def _finish(self:Engine, row, reason):
         if piece: job.emit(type="delta", index=row.index, text=piece)
     row.finish = "stop" if reason == "stop_string" else reason
     job.emit(type="finish", index=row.index, reason=row.finish)
-    if all(r.finish for r in job.rows):
-        completion = sum(r.tokens for r in job.rows)
-        self.counts["completed"] += 1
-        job.emit(type="done", prompt_tokens=sum(len(p) for p in job.prompts), completion_tokens=completion)
+
+def _complete(self:Engine, job):
+    "Send `job`'s last event; called once its rows have left their batch, so `metrics()` no longer counts them."
+    self.counts["completed"] += 1
+    job.emit(type="done", prompt_tokens=sum(len(p) for p in job.prompts), completion_tokens=sum(r.tokens for r in job.rows))
 
 def _fail(self:Engine, job, error):
     if job.failed or job.cancelled: return
@@ -320,9 +321,9 @@ def _accept(self:Engine, row, token):
     elif row.tokens >= row.job.max_tokens: self._finish(row, "length")
 
 def _advance(self:Engine, cohort, logits):
-    "Sample and accept one token for every row of `cohort`, then drop the rows that finished."
+    "Sample and accept one token for every row of `cohort`, drop the rows that finished; return the jobs now complete."
     greedy = logits.argmax(-1).tolist()
-    next_ids = []
+    next_ids, complete = [], {}
     for i, row in enumerate(cohort.rows):
         token = greedy[i]
         if row.finish is None and not row.job.cancelled:
@@ -331,9 +332,12 @@ def _advance(self:Engine, cohort, logits):
                     token = sample_token(logits[i], row.job.temperature, row.job.top_p, row.generator)
                 self._accept(row, token)
             except Exception as e: self._fail(row.job, e)
+            job = row.job
+            if not job.failed and all(r.finish for r in job.rows): complete[id(job)] = job
         next_ids.append(token)
     cohort.next_ids = torch.tensor(next_ids, dtype=torch.long, device=self.device)
     self._drop_finished(cohort)
+    return list(complete.values())
 
 def _drop_finished(self:Engine, cohort):
     keep = [i for i, r in enumerate(cohort.rows) if r.finish is None and not r.job.cancelled]
@@ -347,10 +351,10 @@ def _drop_finished(self:Engine, cohort):
     cohort.mask, cohort.pos, cohort.next_ids = cohort.mask[idx], cohort.pos[idx], cohort.next_ids[idx]
     with self._cv: cohort.rows = [cohort.rows[i] for i in keep]
 
-Engine._finish, Engine._fail, Engine._accept, Engine._advance, Engine._drop_finished = \
-    _finish, _fail, _accept, _advance, _drop_finished
+Engine._finish, Engine._complete, Engine._fail, Engine._accept, Engine._advance, Engine._drop_finished = \
+    _finish, _complete, _fail, _accept, _advance, _drop_finished
 
-# %% ../nbs/06_server.ipynb #9a90547f
+# %% ../nbs/06_server.ipynb #0a48594b
 def _admit(self:Engine):
     "Take waiting jobs, oldest first, while their rows fit the free slots."
     with self._cv:
@@ -370,9 +374,10 @@ def _run_cohort(self:Engine, rows=None, cohort=None):
         self.counts["steps"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(cohort.rows))
         n_before = self.counts["completion_tokens"]
-        self._advance(cohort, logits)
+        complete = self._advance(cohort, logits)
         self._recent.append((time.perf_counter(), self.counts["completion_tokens"] - n_before))
         self._measure(cohort)
+        for job in complete: self._complete(job)  # after the measurement: a finished job holds no memory
     except Exception as e:
         for job in {id(r.job): r.job for r in (cohort.rows if cohort is not None else rows)}.values(): self._fail(job, e)
         with self._cv: self._cohorts = [c for c in self._cohorts if c is not cohort]
@@ -402,7 +407,7 @@ def _loop(self:Engine):
 
 Engine._admit, Engine._run_cohort, Engine._measure, Engine._loop = _admit, _run_cohort, _measure, _loop
 
-# %% ../nbs/06_server.ipynb #5bc42f1d
+# %% ../nbs/06_server.ipynb #f23821b2
 def _start(self:Engine):
     "Start the decode thread (once)."
     if self._thread is None or not self._thread.is_alive():
@@ -438,7 +443,7 @@ def _generate(self:Engine, prompts, timeout=600, **settings):
 
 Engine.start, Engine.close, Engine.generate = _start, _close, _generate
 
-# %% ../nbs/06_server.ipynb #91e3db8f
+# %% ../nbs/06_server.ipynb #330501d5
 def _percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -465,7 +470,7 @@ def _metrics(self:Engine, window_s=10.0):
 
 Engine.metrics = _metrics
 
-# %% ../nbs/06_server.ipynb #f3f8b35c
+# %% ../nbs/06_server.ipynb #84a4ec09
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -500,7 +505,7 @@ class CompletionRequest(_Sampling):
     "Body of `POST /v1/completions`: `prompt` is a string, a list of strings, token ids, or lists of token ids."
     prompt: Union[str, list[str], list[int], list[list[int]]]
 
-# %% ../nbs/06_server.ipynb #6b6ad2ef
+# %% ../nbs/06_server.ipynb #e76f71ef
 class APIError(Exception):
     "An error answered with OpenAI's error JSON and HTTP status `status`."
     def __init__(self, status, message, param=None, code=None, type=None):
@@ -513,7 +518,7 @@ def error_response(status, message, param=None, code=None, type=None):
     e = APIError(status, message, param, code, type)
     return JSONResponse({"error": dict(message=e.message, type=e.type, param=e.param, code=e.code)}, status_code=status)
 
-# %% ../nbs/06_server.ipynb #dbec4371
+# %% ../nbs/06_server.ipynb #372ee206
 def _text_of(content):
     if content is None or isinstance(content, str): return content or ""
     return "".join(p.text for p in content)
@@ -576,7 +581,7 @@ def make_job(engine, body, prompts, default_max_tokens=None):
                temperature=1.0 if body.temperature is None else body.temperature,
                top_p=1.0 if body.top_p is None else body.top_p)
 
-# %% ../nbs/06_server.ipynb #65d425ac
+# %% ../nbs/06_server.ipynb #9e70f308
 def _attach(job, loop):
     "Route `job`'s events into an asyncio queue of the running loop."
     events = asyncio.Queue()
@@ -637,7 +642,7 @@ async def _collect(engine, job, events, request):
             return None
     return texts, reasons, task.result()
 
-# %% ../nbs/06_server.ipynb #64b231cf
+# %% ../nbs/06_server.ipynb #e5bfbd7a
 def _openai_handlers(app):
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
@@ -663,7 +668,7 @@ def _openai_handlers(app):
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
-# %% ../nbs/06_server.ipynb #374f8cf7
+# %% ../nbs/06_server.ipynb #db4b9508
 def make_app(engine, model_name="model"):
     "The FastAPI app serving `engine` under OpenAI's paths, as model `model_name`."
     @contextlib.asynccontextmanager
@@ -730,7 +735,7 @@ def make_app(engine, model_name="model"):
 
     return app
 
-# %% ../nbs/06_server.ipynb #5a258f69
+# %% ../nbs/06_server.ipynb #b75ae5c2
 @contextlib.contextmanager
 def serve(app, host="127.0.0.1", port=0, timeout=60):
     "Run `app` with uvicorn in a background thread (port 0: a free one); yields the base URL, stops the server on exit."
@@ -751,7 +756,7 @@ def serve(app, host="127.0.0.1", port=0, timeout=60):
         thread.join(timeout)
         sock.close()
 
-# %% ../nbs/06_server.ipynb #8fffe616
+# %% ../nbs/06_server.ipynb #94487f74
 def _parser():
     p = argparse.ArgumentParser(prog="tiny-turboquant-server", description="OpenAI-compatible server with a compressed KV cache")
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
