@@ -11,6 +11,7 @@ eager call, host included). In the same run: the device-to-device copy bandwidth
 installed. Each time is the median of `--reps` calls timed with CUDA events after warm-up.
 
     python benchmarks/bench_kernel.py --variant old=TT_PIPE=0 --variant s4=TT_STAGES=4
+    python benchmarks/bench_kernel.py --batches 8 --contexts 16384,65536 --bits 4/4   # a subset
 
 also times other builds of the kernel (comma-separated macros) on the same data in the same run, with their error
 against the float64 reference where it is computed; they land in each row's `variants`.
@@ -148,6 +149,9 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200.json"))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--batches", default=None, help="only these batch sizes, e.g. 1,8")
+    ap.add_argument("--contexts", default=None, help="only these contexts, e.g. 16384,65536")
+    ap.add_argument("--bits", default=None, help="only these key/value bits, e.g. 4/4,4/2")
     ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PIPE=0")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
                     help="also time this build on the same data, e.g. old=TT_PIPE=0 or mt4=TT_MT=4,TT_STAGES=2")
@@ -160,6 +164,9 @@ def main():
     configs = [(s, B, c, (4, 4)) for s in SHAPES for B in (1, 8, 32) for c in (4096, 16384, 65536, 131072)]
     configs += [("llama3-8b", 8, c, bits) for c in (16384, 65536) for bits in ((4, 2), (3, 3), (2, 2), (4, 3))]
     if args.quick: configs = [c for c in configs if c[1] == 8 and c[2] in (16384, 65536)]
+    keep = lambda arg, value: arg is None or value in arg.split(",")
+    configs = [c for c in configs if keep(args.batches, str(c[1])) and keep(args.contexts, str(c[2]))
+               and keep(args.bits, f"{c[3][0]}/{c[3][1]}")]
     rows = []
     for shape, B, ctx, bits in configs:
         r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536 and not args.quick,

@@ -5,9 +5,10 @@
 // writes one partial (running max m, sum l, unnormalised output o) and `combine_kernel` merges them.
 // With TT_PIPE (default) each warp copies its chunks into its own shared-memory stages with cp.async, TT_STAGES - 1
 // chunks ahead of the one it computes, and reads the mma fragments from there (LDS); the value scales come through
-// registers one chunk ahead. That removed the load latency from the loop, and gained only 2-9%: the loop is bound by
-// instruction issue and dependency latency (about 1,400 SASS instructions in the loop body per 32-token chunk, 3 warps per
-// scheduler), not by memory.
+// registers one chunk ahead. Measured on an H200 (benchmarks/results/kernel_h200*.json): cutting the loop body from
+// about 1,170 to 880 SASS instructions per 32-token chunk (one LOP3 per code pair, hoisted addresses, no rescale while
+// the running max stands) made it 1.1-1.25x faster; cutting it further to about 680 (TT_KEY_INPLACE, TT_FOLD) changed
+// nothing, nor did a 4th stage. So the loop is no longer bound by instruction issue; what bounds it is still open.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
@@ -33,8 +34,16 @@ namespace {
 #define TT_STAGES 3    // shared-memory stages per warp (TT_PIPE): TT_STAGES - 1 chunks in flight while one is computed
 #endif
 #ifndef TT_FOLD
-#define TT_FOLD 0      // 1: fold the per-token value scale into the probabilities (one value group only); measured
-#endif                 //    2-5% slower than 0 on an H200 and about 1.7x the error at batch 32, so off
+#define TT_FOLD 0      // 1: fold the per-token value scale into the probabilities (one value group only): the value codes
+#endif                 //    go to the mma with one subtraction and no scale, the zeros add up in fp32 on the side
+                       //    (with TT_KEY_INPLACE 23% fewer loop instructions, same time and error: off)
+#ifndef TT_KEY_NOSUB
+#define TT_KEY_NOSUB 0    // 1: the key codes go to the mma as 1024 + code (no subtraction); the bias takes out 1024 * sum(q)
+#endif                    //    (a score is then a small difference of fp32 sums of about 1024 |q|; measured: up to 2.1x the
+                          //    error (2.4e-4 vs 1.1e-4 with peaked attention), same time: off)
+#ifndef TT_KEY_INPLACE
+#define TT_KEY_INPLACE 0  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
+#endif                    //    and the query absorbs their place value
 #ifndef TT_PREFETCH
 #define TT_PREFETCH 0  // 1 (TT_PIPE=0 only): double-buffered chunks in registers
 #endif
@@ -68,11 +77,23 @@ __device__ __forceinline__ uint16_t half_bits_of(uint16_t meta, bool bf16) {  //
 __device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 bits_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0 (subnormal results flush to zero)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// (x & mask) | MAGIC as one LOP3: the instruction takes one immediate (the mask), so MAGIC must come in a register;
+// left to itself the compiler spends two LOP3s per code pair instead.
+__device__ __forceinline__ uint32_t mask_magic(uint32_t x, uint32_t mask, uint32_t magic) {
+  uint32_t y;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(y) : "r"(x), "r"(mask), "r"(magic));
+  return y;
 }
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   uint32_t y;
@@ -159,7 +180,9 @@ __device__ __forceinline__ int swizzled_unit(int u) {
   if constexpr (ROWB == 64) return u ^ (((u >> 3) & 3) << 1);
   else return u;
 }
-template <int ROWB>  // byte offset of (row, byte) in a staged chunk; a read never crosses a 16-byte unit when ROWB == 64
+// byte offset of (row, byte) in a staged chunk; a read never crosses a 16-byte unit when ROWB == 64, and the swizzle
+// depends on bits 1-2 of the row only, so staged_offset(row + 8k, byte) = staged_offset(row, byte) + 8k * ROWB
+template <int ROWB>
 __device__ __forceinline__ int staged_offset(int row, int byte) {
   if constexpr (ROWB == 64) return (swizzled_unit<64>(row * 4 + (byte >> 4)) << 4) | (byte & 15);
   else return row * ROWB + byte;
@@ -182,10 +205,26 @@ __device__ __forceinline__ void key_pair_channels(int i, int& c0, int& c1) {
   else if (BITS == 2) { c0 = 16 * (i >> 3) + (i & 7); c1 = c0 + 8; }
   else { c0 = 2 * i; c1 = 2 * i + 1; }
 }
+// TT_KEY_INPLACE: pair i's codes start at bit key_raw of each 16-bit half of their word. Instead of shifting them down
+// for every pair, the word is shifted by key_shift (shared by two or three pairs) and the codes are masked where they
+// then lie, at key_pos < 10, inside the fp16 mantissa: the half is 1024 + 2^key_pos * code, exact. The query entries of
+// that pair carry KEY_GAIN / 2^key_pos, so every product carries the same KEY_GAIN, taken out of the scores once.
+constexpr int KEY_GAIN = TT_KEY_INPLACE ? 16 : 1;
+template <int BITS> __host__ __device__ constexpr bool key_inplace() { return TT_KEY_INPLACE && (BITS == 4 || BITS == 2); }
+template <int BITS> __host__ __device__ constexpr int key_raw(int i) { return BITS * (i % (16 / BITS)); }
+template <int BITS> __host__ __device__ constexpr int key_shift(int i) {
+  return !key_inplace<BITS>() ? 0 : BITS == 4 ? (key_raw<4>(i) & 8) : 6 * (key_raw<2>(i) / 6);
+}
+template <int BITS> __host__ __device__ constexpr int key_pos(int i) { return key_inplace<BITS>() ? key_raw<BITS>(i) - key_shift<BITS>(i) : 0; }
+
 template <int BITS>
 __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
-  if (BITS == 4) return ((w[i >> 2] >> (4 * (i & 3))) & 0x000F000Fu) | MAGIC;
-  if (BITS == 2) return ((w[i >> 3] >> (2 * (i & 7))) & 0x00030003u) | MAGIC;
+  if constexpr (key_inplace<BITS>()) {
+    const uint32_t mask = (((1u << BITS) - 1) * 0x00010001u) << key_pos<BITS>(i);
+    return mask_magic(w[i / (16 / BITS)] >> key_shift<BITS>(i), mask, MAGIC);
+  }
+  if (BITS == 4) return mask_magic(w[i >> 2] >> (4 * (i & 3)), 0x000F000Fu, MAGIC);
+  if (BITS == 2) return mask_magic(w[i >> 3] >> (2 * (i & 7)), 0x00030003u, MAGIC);
   return code_at<BITS>(w, 2 * i) | (code_at<BITS>(w, 2 * i + 1) << 16) | MAGIC;
 }
 
@@ -195,15 +234,37 @@ __device__ __forceinline__ void value_pairs(const uint32_t* wa, const uint32_t* 
   if (BITS == 4) {  // both channels in byte mv
     const int word = mv >> 2, k = mv & 3;
     const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));  // a.byte k -> byte 0, b.byte k -> byte 2
-    lo = (x & 0x000F000Fu) | MAGIC; hi = ((x >> 4) & 0x000F000Fu) | MAGIC;
+    lo = mask_magic(x, 0x000F000Fu, MAGIC); hi = mask_magic(x >> 4, 0x000F000Fu, MAGIC);
   } else if (BITS == 2) {  // both channels in one nibble of byte mv/2
     const int word = mv >> 3, k = (mv >> 1) & 3, s = (mv & 1) * 4;
     const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
-    lo = ((x >> s) & 0x00030003u) | MAGIC; hi = ((x >> (s + 2)) & 0x00030003u) | MAGIC;
+    lo = mask_magic(x >> s, 0x00030003u, MAGIC); hi = mask_magic(x >> (s + 2), 0x00030003u, MAGIC);
   } else {
     lo = code_at<BITS>(wa, 2 * mv) | (code_at<BITS>(wb, 2 * mv) << 16) | MAGIC;
     hi = code_at<BITS>(wa, 2 * mv + 1) | (code_at<BITS>(wb, 2 * mv + 1) << 16) | MAGIC;
   }
+}
+// The same, for the folded path (TT_FOLD): the codes are masked where they lie, so a half is 1024 + 2^value_pos * code
+// (value_pos of the lo or hi channel of tile mv); the output rows are divided by 2^value_pos at the end.
+template <int BITS>
+__host__ __device__ constexpr int value_pos(int mv, bool hi) {
+  return BITS == 4 ? (hi ? 4 : 0) : BITS == 2 ? (mv & 1) * 4 + (hi ? 2 : 0) : 0;
+}
+template <int BITS>
+__device__ __forceinline__ void value_pairs_inplace(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi) {
+  if constexpr (BITS == 4 || BITS == 2) {
+    constexpr int PER_BYTE = 8 / BITS;  // channels per byte
+    const int byte = (2 * mv) / PER_BYTE, word = byte >> 2, k = byte & 3;
+    const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
+    constexpr uint32_t field = ((1u << BITS) - 1) * 0x00010001u;
+    lo = mask_magic(x, field << value_pos<BITS>(mv, false), MAGIC);
+    hi = mask_magic(x, field << value_pos<BITS>(mv, true), MAGIC);
+  } else {
+    value_pairs<BITS>(wa, wb, mv, lo, hi);
+  }
+}
+__device__ __forceinline__ uint32_t minus1024(uint32_t magic_code) {  // (1024 + x) - 1024 = x, exact
+  return h2_bits(__hsub2(bits_h2(magic_code), __float2half2_rn(1024.f)));
 }
 __device__ __forceinline__ uint32_t dequant2(uint32_t magic_code, __half2 scale, __half2 zero) {
   const __half2 code = __hsub2(bits_h2(magic_code), __float2half2_rn(1024.f));  // exact
@@ -324,7 +385,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   float acc[NMV][4];
 #pragma unroll
   for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float zacc[4] = {0.f, 0.f, 0.f, 0.f};  // (fold) sum_t p_t z_t: row 0 of an extra mma, cols = heads 2tig, 2tig+1
+  float zsum_part[2] = {0.f, 0.f};  // (fold) this lane's share of sum_t p_t z_t for heads 2tig, 2tig+1 (tokens gid, gid+8)
   uint32_t qh[NP], ql[NP];
   float bias[2] = {0.f, 0.f};
   int cur_tile = -1;
@@ -334,8 +395,20 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     Words<SEGK_B> kw[MT][2];
     Words<SEGV_B> vw[MT][4];
   };
+  // Value scales and zeros as two halves: of tokens 2tig (+1) and 8 + 2tig (+1), the rows of the value mma, or with
+  // fold, in [mt][0], of tokens gid and gid + 8, the rows of the score fragment whose probabilities they multiply.
   struct ValueMeta { uint32_t vsc[MT][2], vzr[MT][2]; };
   auto load_value_meta = [&](ValueMeta& vm, int tok0) {
+    if (fold) {
+      const unsigned short* s16 = reinterpret_cast<const unsigned short*>(vs) + tok0 + gid;
+      const unsigned short* z16 = reinterpret_cast<const unsigned short*>(vz) + tok0 + gid;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        vm.vsc[mt][0] = uint32_t(__ldg(s16 + 16 * mt)) | (uint32_t(__ldg(s16 + 16 * mt + 8)) << 16);
+        vm.vzr[mt][0] = uint32_t(__ldg(z16 + 16 * mt)) | (uint32_t(__ldg(z16 + 16 * mt + 8)) << 16);
+      }
+      return;
+    }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -369,7 +442,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
-      float bias_part = 0.f;
+      float bias_part = 0.f, query_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < SEGK / 16; ++j) {
         const int ch0 = tig * SEGK + 16 * j;
@@ -395,20 +468,24 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           int c0, c1;
           key_pair_channels<KB>(i, c0, c1);
           c0 -= 16 * j; c1 -= 16 * j;
-          const float v0 = qf[c0] * sf[c0] * p.scale_log2, v1 = qf[c1] * sf[c1] * p.scale_log2;
+          const float gain = p.scale_log2 * float(KEY_GAIN >> key_pos<KB>(i));  // a power of two times the scale
+          const float v0 = qf[c0] * sf[c0] * gain, v1 = qf[c1] * sf[c1] * gain;
           const __half2 hi = __floats2half2_rn(v0, v1);
           const __half2 lo = __floats2half2_rn(v0 - __low2float(hi), v1 - __high2float(hi));
           qh[i] = h2_bits(hi); ql[i] = h2_bits(lo);
+          if (TT_KEY_NOSUB)  // the exact sum of what the mma multiplies by 1024 (+ code), taken out of the bias
+            query_sum += (__low2float(hi) + __high2float(hi)) + (__low2float(lo) + __high2float(lo));
         }
       }
       bias_part *= p.scale_log2;
+      if (TT_KEY_NOSUB) bias_part -= query_sum * (1024.f / KEY_GAIN);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 2);
       bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
       bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
     }
 
-    if (bf16) {  // value scales and zeros of bf16 models become fp16 for the fp16 dequantization
+    if (bf16 && !fold) {  // value scales and zeros of bf16 models become fp16 for the fp16 dequantization
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -426,14 +503,14 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       for (int kk = 0; kk < D / 16; ++kk) {
         const uint32_t a0 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk), a1 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk);
         const uint32_t a2 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk + 1), a3 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk + 1);
-        const __half2 k1024 = __float2half2_rn(1024.f);
-        const uint32_t c0 = h2_bits(__hsub2(bits_h2(a0), k1024)), c1 = h2_bits(__hsub2(bits_h2(a1), k1024));
-        const uint32_t c2 = h2_bits(__hsub2(bits_h2(a2), k1024)), c3 = h2_bits(__hsub2(bits_h2(a3), k1024));
+        const uint32_t c0 = TT_KEY_NOSUB ? a0 : minus1024(a0), c1 = TT_KEY_NOSUB ? a1 : minus1024(a1);
+        const uint32_t c2 = TT_KEY_NOSUB ? a2 : minus1024(a2), c3 = TT_KEY_NOSUB ? a3 : minus1024(a3);
         mma16816(cc, c0, c1, c2, c3, qh[2 * kk], qh[2 * kk + 1]);
         mma16816(cl, c0, c1, c2, c3, ql[2 * kk], ql[2 * kk + 1]);
       }
-      s[mt][0] = cc[0] + cl[0] + bias[0]; s[mt][1] = cc[1] + cl[1] + bias[1];
-      s[mt][2] = cc[2] + cl[2] + bias[0]; s[mt][3] = cc[3] + cl[3] + bias[1];
+      constexpr float ungain = 1.f / KEY_GAIN;
+      s[mt][0] = fmaf(cc[0] + cl[0], ungain, bias[0]); s[mt][1] = fmaf(cc[1] + cl[1], ungain, bias[1]);
+      s[mt][2] = fmaf(cc[2] + cl[2], ungain, bias[0]); s[mt][3] = fmaf(cc[3] + cl[3], ungain, bias[1]);
       if (mask) {
         if (!mask[tok0 + 16 * mt + gid]) s[mt][0] = s[mt][1] = -INFINITY;
         if (!mask[tok0 + 16 * mt + gid + 8]) s[mt][2] = s[mt][3] = -INFINITY;
@@ -449,45 +526,50 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       for (int mt = 0; mt < MT; ++mt) mx = fmaxf(mx, fmaxf(s[mt][e], s[mt][e + 2]));
       mx = warp_max_rows(mx);
       const float mn = fmaxf(m_run[e], mx);
-      alpha[e] = mn == -INFINITY ? 1.f : exp2f(m_run[e] - mn);
+      const float base = mn == -INFINITY ? 0.f : mn;  // every key so far masked: exp2(-inf - 0) = 0, not NaN
+      alpha[e] = fast_exp2(m_run[e] - base);
       m_run[e] = mn;
       float sum = 0.f;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        s[mt][e] = s[mt][e] == -INFINITY ? 0.f : exp2f(s[mt][e] - mn);
-        s[mt][e + 2] = s[mt][e + 2] == -INFINITY ? 0.f : exp2f(s[mt][e + 2] - mn);
+        s[mt][e] = fast_exp2(s[mt][e] - base);
+        s[mt][e + 2] = fast_exp2(s[mt][e + 2] - base);
         sum += s[mt][e] + s[mt][e + 2];
       }
       l_run[e] = l_run[e] * alpha[e] + sum;
     }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // a running max moved: rarely, after the start
 #pragma unroll
-    for (int i = 0; i < NMV; ++i) {
-      acc[i][0] *= alpha[0]; acc[i][1] *= alpha[1]; acc[i][2] *= alpha[0]; acc[i][3] *= alpha[1];
+      for (int i = 0; i < NMV; ++i) {
+        acc[i][0] *= alpha[0]; acc[i][1] *= alpha[1]; acc[i][2] *= alpha[0]; acc[i][3] *= alpha[1];
+      }
     }
-    zacc[0] *= alpha[0]; zacc[1] *= alpha[1];  // rows 8-15 (zacc[2], zacc[3]) stay zero
+    zsum_part[0] *= alpha[0]; zsum_part[1] *= alpha[1];
 
     // --- out^T[channel, head] += v^T[channel, token] p[token, head] ---
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
-      const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2], s[mt][3])));  // tokens 8+2tig..
-      const __half2 s01 = bits_h2(vm.vsc[mt][0]), z01 = bits_h2(vm.vzr[mt][0]);
-      const __half2 s89 = bits_h2(vm.vsc[mt][1]), z89 = bits_h2(vm.vzr[mt][1]);
       if (fold) {
-        // sum_t p_t (z_t + s_t c_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t: the codes go to the mma as they are, the
-        // scales multiply the probabilities (one hmul2 per 2 tokens), and the zeros form row 0 of one more mma
-        const uint32_t ps0 = h2_bits(__hmul2(bits_h2(b0), s01)), ps1 = h2_bits(__hmul2(bits_h2(b1), s89));
-        const __half2 k1024 = __float2half2_rn(1024.f);
+        // sum_t p_t (z_t + s_t c_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t: p_t s_t is rounded to fp16 once (from fp32),
+        // the codes go to the mma as they are, and the zeros add up in fp32 (tokens gid and gid + 8 of this lane)
+        const float sa = to_float(uint16_t(vm.vsc[mt][0]), bf16), sb = to_float(uint16_t(vm.vsc[mt][0] >> 16), bf16);
+        const float za = to_float(uint16_t(vm.vzr[mt][0]), bf16), zb = to_float(uint16_t(vm.vzr[mt][0] >> 16), bf16);
+        zsum_part[0] = fmaf(s[mt][2], zb, fmaf(s[mt][0], za, zsum_part[0]));
+        zsum_part[1] = fmaf(s[mt][3], zb, fmaf(s[mt][1], za, zsum_part[1]));
+        const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0] * sa, s[mt][1] * sa)));  // tokens 2tig.., head gid
+        const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2] * sb, s[mt][3] * sb)));  // tokens 8+2tig..
 #pragma unroll
         for (int mv = 0; mv < NMV; ++mv) {
           uint32_t lo01, hi01, lo89, hi89;
-          value_pairs<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
-          value_pairs<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
-          mma16816(acc[mv], h2_bits(__hsub2(bits_h2(lo01), k1024)), h2_bits(__hsub2(bits_h2(hi01), k1024)),
-                   h2_bits(__hsub2(bits_h2(lo89), k1024)), h2_bits(__hsub2(bits_h2(hi89), k1024)), ps0, ps1);
+          value_pairs_inplace<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
+          value_pairs_inplace<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
+          mma16816(acc[mv], minus1024(lo01), minus1024(hi01), minus1024(lo89), minus1024(hi89), b0, b1);
         }
-        mma16816(zacc, gid == 0 ? vm.vzr[mt][0] : 0u, 0u, gid == 0 ? vm.vzr[mt][1] : 0u, 0u, b0, b1);
       } else {
+        const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
+        const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2], s[mt][3])));  // tokens 8+2tig..
+        const __half2 s01 = bits_h2(vm.vsc[mt][0]), z01 = bits_h2(vm.vzr[mt][0]);
+        const __half2 s89 = bits_h2(vm.vsc[mt][1]), z89 = bits_h2(vm.vzr[mt][1]);
 #pragma unroll
         for (int mv = 0; mv < NMV; ++mv) {
           uint32_t lo01, hi01, lo89, hi89;
@@ -507,22 +589,20 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   using St = Stage<D, KB, VB>;
   extern __shared__ __align__(16) uint8_t shared_raw[];
   uint8_t* stages = shared_raw + warp * (TT_STAGES * St::BYTES);
+  // where this lane's 16-byte units land: unit lane + 32i lands 512i bytes after unit lane (the swizzle reads bits 3-4)
+  const int key_dst = St::KEYS + swizzled_unit<St::KR>(lane) * 16, value_dst = St::VALUES + swizzled_unit<St::VR>(lane) * 16;
   auto issue = [&](int c, int stage) {  // always commits a group (empty past the end) so the wait counts stay uniform
     if (c < c_end) {
       uint8_t* dst = stages + stage * St::BYTES;
-      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES;  // CH * KR bytes per chunk
-      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES);
+      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES + lane * 16;  // CH * KR bytes per chunk
+      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES) + lane * 16;
       constexpr int KU = St::VALUES / 16, VU = (St::KSCALE - St::VALUES) / 16;
 #pragma unroll
-      for (int i = 0; i < (KU + 31) / 32; ++i) {
-        const int u = lane + 32 * i;
-        if (KU % 32 == 0 || u < KU) cp_async16(dst + St::KEYS + swizzled_unit<St::KR>(u) * 16, ksrc + u * 16);
-      }
+      for (int i = 0; i < (KU + 31) / 32; ++i)
+        if (KU % 32 == 0 || lane + 32 * i < KU) cp_async16(dst + key_dst + 512 * i, ksrc + 512 * i);
 #pragma unroll
-      for (int i = 0; i < (VU + 31) / 32; ++i) {
-        const int u = lane + 32 * i;
-        if (VU % 32 == 0 || u < VU) cp_async16(dst + St::VALUES + swizzled_unit<St::VR>(u) * 16, vsrc + u * 16);
-      }
+      for (int i = 0; i < (VU + 31) / 32; ++i)
+        if (VU % 32 == 0 || lane + 32 * i < VU) cp_async16(dst + value_dst + 512 * i, vsrc + 512 * i);
       if (c == c_begin || c % CPT == 0) {  // the chunk that starts a key block (or this warp's run) brings its metadata
         constexpr int SU = D / 8;          // 16-byte units in a row of D 16-bit numbers
         const int64_t row = int64_t(c / CPT) * D;
@@ -535,6 +615,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
     cp_async_commit();
   };
+  // this lane's fragment rows in a stage: key row gid, value rows 2tig and 2tig + 1 (the loop adds whole 8-row steps)
+  const int key_row0 = St::KEYS + staged_offset<St::KR>(gid, tig * SEGK_B);
+  const int value_row0[2] = {St::VALUES + staged_offset<St::VR>(2 * tig, gid * SEGV_B),
+                             St::VALUES + staged_offset<St::VR>(2 * tig + 1, gid * SEGV_B)};
 #pragma unroll
   for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);
   ValueMeta meta_next;
@@ -549,14 +633,13 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const uint8_t* st = stages + stage * St::BYTES;
     Chunk ch;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {  // rows 8 apart are 8 rows' bytes apart, swizzled or not (staged_offset)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        load_words_shared<SEGK_B>(st + St::KEYS + staged_offset<St::KR>(16 * mt + gid + 8 * r, tig * SEGK_B), ch.kw[mt][r]);
+        load_words_shared<SEGK_B>(st + key_row0 + (16 * mt + 8 * r) * St::KR, ch.kw[mt][r]);
 #pragma unroll
       for (int r = 0; r < 4; ++r)
-        load_words_shared<SEGV_B>(st + St::VALUES + staged_offset<St::VR>(16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1), gid * SEGV_B),
-                                  ch.vw[mt][r]);
+        load_words_shared<SEGV_B>(st + value_row0[r & 1] + (16 * mt + 8 * (r >> 1)) * St::VR, ch.vw[mt][r]);
     }
     compute_chunk(ch, meta, c, reinterpret_cast<const uint16_t*>(st + St::KSCALE), reinterpret_cast<const uint16_t*>(st + St::KSCALE) + D);
     stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
@@ -585,7 +668,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 
   // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
   float zsum[2] = {0.f, 0.f};
-  if (fold) { zsum[0] = __shfl_sync(0xffffffffu, zacc[0], tig); zsum[1] = __shfl_sync(0xffffffffu, zacc[1], tig); }
+  if (fold) { zsum[0] = warp_sum_rows(zsum_part[0]); zsum[1] = warp_sum_rows(zsum_part[1]); }
   const int part = blockIdx.x * WARPS + warp;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -596,7 +679,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       if (gid == 0) { p.ml_part[2 * base] = m_run[e]; p.ml_part[2 * base + 1] = l; }
       float* o = p.o_part + base * D + gid * SEGV;
 #pragma unroll
-      for (int mv = 0; mv < NMV; ++mv) { o[2 * mv] = acc[mv][e] + zsum[e]; o[2 * mv + 1] = acc[mv][e + 2] + zsum[e]; }
+      for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
+        const float lo = fold ? 1.f / float(1 << value_pos<VB>(mv, false)) : 1.f, hi = fold ? 1.f / float(1 << value_pos<VB>(mv, true)) : 1.f;
+        o[2 * mv] = fmaf(acc[mv][e], lo, zsum[e]); o[2 * mv + 1] = fmaf(acc[mv][e + 2], hi, zsum[e]);
+      }
     }
   }
 }
@@ -677,18 +763,45 @@ KernelRef pick_kb(int kb, int vb) {
 
 }  // namespace
 
+// TT_ONLY_HEAD_DIM=128 (benchmark builds) compiles one head_dim: a third of the build time; other sizes fail to launch
+#if defined(TT_ONLY_HEAD_DIM) && TT_ONLY_HEAD_DIM != 64 && TT_ONLY_HEAD_DIM != 128 && TT_ONLY_HEAD_DIM != 256
+#error "TT_ONLY_HEAD_DIM must be 64, 128 or 256"
+#endif
+#ifdef TT_ONLY_HEAD_DIM
+#define TT_BUILDS(d) (TT_ONLY_HEAD_DIM == (d))
+#else
+#define TT_BUILDS(d) 1
+#endif
+
 int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits) {
-  const KernelRef k = head_dim == 64 ? pick_kb<64>(key_bits, value_bits)
-                    : head_dim == 128 ? pick_kb<128>(key_bits, value_bits) : pick_kb<256>(key_bits, value_bits);
+  KernelRef k{nullptr, 0};
+#if TT_BUILDS(64)
+  if (head_dim == 64) k = pick_kb<64>(key_bits, value_bits);
+#endif
+#if TT_BUILDS(128)
+  if (head_dim == 128) k = pick_kb<128>(key_bits, value_bits);
+#endif
+#if TT_BUILDS(256)
+  if (head_dim == 256) k = pick_kb<256>(key_bits, value_bits);
+#endif
+  if (k.fn == nullptr) return 1;
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, WARPS * 32, k.shared) != cudaSuccess) return 1;
   return n > 0 ? n : 1;
 }
 
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  if (p.D == 64) dispatch_kb<64>(p, stream);  // one launch: quantized splits, then window splits (blockIdx.x)
-  else if (p.D == 128) dispatch_kb<128>(p, stream);
-  else dispatch_kb<256>(p, stream);
+  bool built = false;  // one launch: quantized splits, then window splits (blockIdx.x)
+#if TT_BUILDS(64)
+  if (p.D == 64) { dispatch_kb<64>(p, stream); built = true; }
+#endif
+#if TT_BUILDS(128)
+  if (p.D == 128) { dispatch_kb<128>(p, stream); built = true; }
+#endif
+#if TT_BUILDS(256)
+  if (p.D == 256) { dispatch_kb<256>(p, stream); built = true; }
+#endif
+  if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   combine_kernel<<<p.B * p.Hkv * p.G, p.D, 0, stream>>>(p);
