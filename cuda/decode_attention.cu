@@ -5,10 +5,11 @@
 // writes one partial (running max m, sum l, unnormalised output o) and `combine_kernel` merges them.
 // With TT_PIPE (default) each warp copies its chunks into its own shared-memory stages with cp.async, TT_STAGES - 1
 // chunks ahead of the one it computes, and reads the mma fragments from there (LDS); the value scales come through
-// registers one chunk ahead. Measured on an H200 (benchmarks/results/kernel_h200*.json): cutting the loop body from
-// about 1,170 to 880 SASS instructions per 32-token chunk (one LOP3 per code pair, hoisted addresses, no rescale while
-// the running max stands) made it 1.1-1.25x faster; cutting it further to about 680 (TT_KEY_INPLACE, TT_FOLD) changed
-// nothing, nor did a 4th stage. So the loop is no longer bound by instruction issue; what bounds it is still open.
+// registers one chunk ahead. Measured on an H200 (benchmarks/results/kernel_h200*.json; instructions counted with
+// tools/sass_count.py): cutting the loop body from about 1,170 to 880 SASS instructions per 32-token chunk (one LOP3
+// per code pair, hoisted addresses, no rescale while the running max stands) made it 1.02-1.25x faster; cutting it
+// further to about 680 (TT_KEY_INPLACE, TT_FOLD) changed nothing, nor did a 4th stage. So the loop is no longer bound
+// by instruction issue; what bounds it is still open (08_cuda lists what to try next).
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
@@ -351,7 +352,7 @@ struct Stage {
   static_assert(VALUES % 16 == 0 && KSCALE % 16 == 0, "chunks are whole 16-byte units");
 };
 template <int D, int KB, int VB>
-constexpr int shared_bytes() { return TT_PIPE ? WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES : 0; }
+__host__ __device__ constexpr int shared_bytes() { return TT_PIPE ? WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES : 0; }
 
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
@@ -713,6 +714,7 @@ __global__ void combine_kernel(const DecodeParams p) {
   else static_cast<uint16_t*>(p.out)[o_idx] = from_float(r, p.is_bf16);
 }
 
+#ifndef __CUDACC_RTC__  // the host side: launches (NVRTC compiles only the kernels above, for tools/sass_count.py)
 // The kernel of one (head_dim, key bits, value bits), with the dynamic shared memory it needs allowed on the current
 // device (once per device: above 48 KB a kernel must ask, and the carveout prefers shared memory over L1).
 struct KernelRef { const void* fn; int shared; };
@@ -761,7 +763,10 @@ KernelRef pick_kb(int kb, int vb) {
   return pick_vb<D, 4>(vb);
 }
 
+#endif  // __CUDACC_RTC__
 }  // namespace
+
+#ifndef __CUDACC_RTC__
 
 // TT_ONLY_HEAD_DIM=128 (benchmark builds) compiles one head_dim: a third of the build time; other sizes fail to launch
 #if defined(TT_ONLY_HEAD_DIM) && TT_ONLY_HEAD_DIM != 64 && TT_ONLY_HEAD_DIM != 128 && TT_ONLY_HEAD_DIM != 256
@@ -807,3 +812,4 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   combine_kernel<<<p.B * p.Hkv * p.G, p.D, 0, stream>>>(p);
   return cudaGetLastError();
 }
+#endif  // __CUDACC_RTC__

@@ -1,8 +1,13 @@
 // Fused dequantize + attention for one decode step over a TinyKVCache layer (KIVI layout + full-precision window).
 // Shared by the kernels (decode_attention.cu, no torch headers) and the torch binding (decode_attention.cpp).
 #pragma once
+#ifdef __CUDACC_RTC__  // NVRTC (tools/sass_count.py compiles the kernels alone): no host headers
+typedef unsigned char uint8_t; typedef unsigned short uint16_t; typedef unsigned int uint32_t; typedef long long int64_t;
+#define INFINITY __int_as_float(0x7f800000)
+#else
 #include <cstdint>
 #include <cuda_runtime.h>
+#endif
 
 struct DecodeParams {
   // query [B, Hq, D], model dtype (fp16 or bf16), element strides
@@ -28,8 +33,10 @@ struct DecodeParams {
   int out_f32;
 };
 
+#ifndef __CUDACC_RTC__
 // How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once.
 int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits);
 
 // Launches the split kernels and the combine kernel on `stream`; returns the first CUDA error.
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
+#endif
