@@ -105,7 +105,14 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
 // NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
 
-template <int NB>
+// One load of a T from global memory through the read-only cache (GLOBAL) or from shared memory (a plain load, LDS).
+template <bool GLOBAL, typename T>
+__device__ __forceinline__ T load(const T* p) {
+  if constexpr (GLOBAL) return __ldg(p);
+  else return *p;
+}
+
+template <int NB, bool GLOBAL = true>
 __device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<NB>& out) {
   constexpr int NW = (NB + 3) / 4 + 1;
 #pragma unroll
@@ -113,57 +120,29 @@ __device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<
   if constexpr (NB % 16 == 0) {
 #pragma unroll
     for (int i = 0; i < NB / 16; ++i) {
-      uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const uint4 v = load<GLOBAL>(reinterpret_cast<const uint4*>(p) + i);
       out.w[4 * i] = v.x; out.w[4 * i + 1] = v.y; out.w[4 * i + 2] = v.z; out.w[4 * i + 3] = v.w;
     }
   } else if constexpr (NB % 8 == 0) {
 #pragma unroll
     for (int i = 0; i < NB / 8; ++i) {
-      uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      const uint2 v = load<GLOBAL>(reinterpret_cast<const uint2*>(p) + i);
       out.w[2 * i] = v.x; out.w[2 * i + 1] = v.y;
     }
   } else if constexpr (NB % 4 == 0) {
 #pragma unroll
-    for (int i = 0; i < NB / 4; ++i) out.w[i] = __ldg(reinterpret_cast<const uint32_t*>(p) + i);
+    for (int i = 0; i < NB / 4; ++i) out.w[i] = load<GLOBAL>(reinterpret_cast<const uint32_t*>(p) + i);
   } else if constexpr (NB % 2 == 0) {
 #pragma unroll
     for (int i = 0; i < NB / 2; ++i)
-      out.w[i / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(p) + i)) << (16 * (i % 2));
+      out.w[i / 2] |= uint32_t(load<GLOBAL>(reinterpret_cast<const unsigned short*>(p) + i)) << (16 * (i % 2));
   } else {
 #pragma unroll
-    for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(__ldg(p + i)) << (8 * (i % 4));
+    for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(load<GLOBAL>(p + i)) << (8 * (i % 4));
   }
 }
-
-// The same from shared memory (TT_PIPE): plain loads, which the compiler emits as LDS.
-template <int NB>
-__device__ __forceinline__ void load_words_shared(const uint8_t* p, Words<NB>& out) {
-  constexpr int NW = (NB + 3) / 4 + 1;
-#pragma unroll
-  for (int i = 0; i < NW; ++i) out.w[i] = 0;
-  if constexpr (NB % 16 == 0) {
-#pragma unroll
-    for (int i = 0; i < NB / 16; ++i) {
-      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
-      out.w[4 * i] = v.x; out.w[4 * i + 1] = v.y; out.w[4 * i + 2] = v.z; out.w[4 * i + 3] = v.w;
-    }
-  } else if constexpr (NB % 8 == 0) {
-#pragma unroll
-    for (int i = 0; i < NB / 8; ++i) {
-      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
-      out.w[2 * i] = v.x; out.w[2 * i + 1] = v.y;
-    }
-  } else if constexpr (NB % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < NB / 4; ++i) out.w[i] = reinterpret_cast<const uint32_t*>(p)[i];
-  } else if constexpr (NB % 2 == 0) {
-#pragma unroll
-    for (int i = 0; i < NB / 2; ++i) out.w[i / 2] |= uint32_t(reinterpret_cast<const unsigned short*>(p)[i]) << (16 * (i % 2));
-  } else {
-#pragma unroll
-    for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(p[i]) << (8 * (i % 4));
-  }
-}
+template <int NB>  // the same from a shared-memory stage (TT_PIPE)
+__device__ __forceinline__ void load_words_shared(const uint8_t* p, Words<NB>& out) { load_words<NB, false>(p, out); }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
