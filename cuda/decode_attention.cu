@@ -42,6 +42,9 @@ namespace {
 #define TT_KEY_NOSUB 0    // 1: the key codes go to the mma as 1024 + code (no subtraction); the bias takes out 1024 * sum(q)
 #endif                    //    (a score is then a small difference of fp32 sums of about 1024 |q|; measured: up to 2.1x the
                           //    error (2.4e-4 vs 1.1e-4 with peaked attention), same time: off)
+#ifndef TT_ABLATE
+#define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
+#endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only
 #ifndef TT_KEY_INPLACE
 #define TT_KEY_INPLACE 0  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
 #endif                    //    and the query absorbs their place value
@@ -362,6 +365,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const bool fold = TT_FOLD && p.vgroups == 1;        // value scale folded into the probabilities
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  uint32_t sink = 0;  // TT_ABLATE == 1 only
   float acc[NMV][4];
 #pragma unroll
   for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -420,7 +424,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // key_scale_row, key_zero_row: this chunk's 128-token block's key scales and zeros (D each), global or shared
   auto compute_chunk = [&](const Chunk& ch, ValueMeta& vm, int c, const uint16_t* key_scale_row, const uint16_t* key_zero_row) {
     const int tile = c / CPT, tok0 = c * CH;
-    if (tile != cur_tile) {  // fold this block's key scales into the query, its zeros into a per-head bias
+    if (tile != cur_tile && (TT_ABLATE != 4 || cur_tile < 0)) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
       float bias_part = 0.f, query_sum = 0.f;
 #pragma unroll
@@ -480,7 +484,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     for (int mt = 0; mt < MT; ++mt) {
       float cc[4] = {0.f, 0.f, 0.f, 0.f}, cl[4] = {0.f, 0.f, 0.f, 0.f};  // two chains of mma, hi and lo parts
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+      for (int kk = 0; kk < (TT_ABLATE == 3 ? 0 : D / 16); ++kk) {
         const uint32_t a0 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk), a1 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk);
         const uint32_t a2 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk + 1), a3 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk + 1);
         const uint32_t c0 = TT_KEY_NOSUB ? a0 : minus1024(a0), c1 = TT_KEY_NOSUB ? a1 : minus1024(a1);
@@ -528,7 +532,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 
     // --- out^T[channel, head] += v^T[channel, token] p[token, head] ---
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < (TT_ABLATE == 2 ? 0 : MT); ++mt) {
       if (fold) {
         // sum_t p_t (z_t + s_t c_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t: p_t s_t is rounded to fp16 once (from fp32),
         // the codes go to the mma as they are, and the zeros add up in fp32 (tokens gid and gid + 8 of this lane)
@@ -621,7 +625,16 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       for (int r = 0; r < 4; ++r)
         load_words_shared<SEGV_B>(st + value_row0[r & 1] + (16 * mt + 8 * (r >> 1)) * St::VR, ch.vw[mt][r]);
     }
+#if TT_ABLATE == 1  // keep the loads alive, compute nothing
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      sink ^= meta.vsc[mt][0] ^ meta.vzr[mt][0] ^ ch.kw[mt][0].w[0] ^ ch.kw[mt][1].w[0];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sink ^= ch.vw[mt][r].w[0];
+    }
+#else
     compute_chunk(ch, meta, c, reinterpret_cast<const uint16_t*>(st + St::KSCALE), reinterpret_cast<const uint16_t*>(st + St::KSCALE) + D);
+#endif
     stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
   }
   cp_async_wait<0>();
@@ -646,6 +659,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   }
 #endif
 
+  if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)
   // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
   float zsum[2] = {0.f, 0.f};
   if (fold) { zsum[0] = warp_sum_rows(zsum_part[0]); zsum[1] = warp_sum_rows(zsum_part[1]); }
