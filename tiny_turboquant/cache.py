@@ -196,21 +196,32 @@ def _for_model(cls, model, compression=None, fused_attention=None, **kwargs):
 TinyKVCache.for_model = classmethod(_for_model)
 
 # %% ../nbs/04_cache.ipynb #c0a04ea9
-def _storage_bytes(*tensors):
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None and t.numel()}.values())
+def _tensors(obj):
+    "Every plain tensor inside `obj` (tensor subclasses such as quanto's are unpacked, dicts and tuples walked)."
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            return [t for name in obj.__tensor_flatten__()[0] for t in _tensors(getattr(obj, name))]
+        return [obj]
+    if isinstance(obj, dict): return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)): return [t for v in obj for t in _tensors(v)]
+    return []
+
+def _storage_bytes(*objs):
+    "Bytes of the distinct storages behind every tensor inside `objs` (a storage shared by views counts once)."
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(objs) if t.numel()}.values())
 
 @dataclass
 class LayerMemory:
     "Bytes one cache layer holds, against the bytes an uncompressed cache would hold for the same tokens."
     layer: int
-    kind: str          # compressed | protected | sliding
+    kind: str          # compressed | protected | sliding | quantized (transformers' QuantizedCache)
     tokens: int
     held_bytes: int
     uncompressed_bytes: int
 
 @dataclass
 class MemoryReport:
-    "Bytes a `TinyKVCache` holds, counted from its tensors' storage."
+    "Bytes a cache holds, counted from its tensors' storage."
     held_bytes: int
     uncompressed_bytes: int
     layers: list = field(default_factory=list)
@@ -238,6 +249,12 @@ def _layer_memory(idx, layer):
         if not h.tokens: return LayerMemory(idx, "compressed", 0, 0, 0)
         B, H, _, D = h.window_keys.shape
         return LayerMemory(idx, "compressed", h.tokens, h.nbytes(), 2 * B * H * h.tokens * D * h.window_keys.element_size())
+    q = getattr(layer, "_quantized_keys", None)
+    if q is not None:  # transformers' QuantizedLayer: quantized history + full-precision residual
+        shape = q[1]["shape"] if isinstance(q, tuple) else q.shape
+        tokens = getattr(layer, "cumulative_length", shape[-2])
+        held = _storage_bytes(layer.keys, layer.values, q, getattr(layer, "_quantized_values", None))
+        return LayerMemory(idx, "quantized", tokens, held, 2 * shape[0] * shape[1] * tokens * shape[-1] * layer.keys.element_size())
     # protected and sliding layers are transformers' own classes: they hold exactly what DynamicCache would
     kind = "sliding" if getattr(layer, "is_sliding", False) else "protected"
     k, v = getattr(layer, "keys", None), getattr(layer, "values", None)

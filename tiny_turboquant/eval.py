@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from tqdm.auto import tqdm
 import tiny_turboquant
-from .cache import PRESETS, TinyKVCache
+from .cache import PRESETS, TinyKVCache, memory_report
 from .models import corpus_files, load_model, sample_text
 from .demo import demo_prompt, first_divergence
 
@@ -104,34 +104,10 @@ def parse_method(spec, residual_length=128, protect_first=0, protect_last=0):
                      "quanto:B (B in 2, 4), hqq:B (B in 1, 2, 3, 4, 8), uncompressed or onebit")
 
 # %% ../nbs/07_eval.ipynb #d20646a3
-def _tensors(obj):
-    "Every plain tensor inside `obj` (tensor subclasses such as quanto's are unpacked, dicts and tuples walked)."
-    if isinstance(obj, torch.Tensor):
-        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
-            return [t for name in obj.__tensor_flatten__()[0] for t in _tensors(getattr(obj, name))]
-        return [obj]
-    if isinstance(obj, dict): return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)): return [t for v in obj for t in _tensors(v)]
-    return []
-
-def _storage_bytes(tensors):
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}.values())
-
 def cache_bytes(cache):
     "(held bytes, uncompressed bytes) of any cache: measured from the storage of the tensors it keeps."
-    if isinstance(cache, TinyKVCache):
-        r = cache.memory_report()
-        return r.held_bytes, r.uncompressed_bytes
-    held = uncompressed = 0
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False): continue
-        parts = [getattr(layer, n, None) for n in ("keys", "values", "_quantized_keys", "_quantized_values")]
-        held += _storage_bytes(_tensors(parts))
-        q = getattr(layer, "_quantized_keys", None)
-        shape = q[1]["shape"] if isinstance(q, tuple) else (q.shape if q is not None else layer.keys.shape)
-        tokens = getattr(layer, "cumulative_length", shape[-2])
-        uncompressed += 2 * shape[0] * shape[1] * tokens * shape[-1] * layer.keys.element_size()
-    return held, uncompressed
+    r = memory_report(cache)
+    return r.held_bytes, r.uncompressed_bytes
 
 # %% ../nbs/07_eval.ipynb #18079109
 @torch.inference_mode()
