@@ -3,17 +3,19 @@
     python benchmarks/bench_decode_e2e.py        # writes benchmarks/results/kernel_e2e_h200.json
 
 Each cache is filled with `context` random keys and values per layer (a prefill of 64k x 8 tokens would only add
-time), then `--steps` greedy decode steps are timed: wall time (host clock, synchronized), GPU time between CUDA
+time), then after 5 untimed steps (and, once per process, a discarded 4k run of every cache) `--steps` greedy decode
+steps are timed: wall time (host clock, synchronized), GPU time between CUDA
 events around the loop, and the sum of the GPU kernels' own durations from the torch profiler (busy time, which
 excludes the gaps where the GPU waits for Python). Peak memory is torch's peak allocation during the decode steps,
 transient buffers included. TinyKVCache runs with the fused kernel (the default on CUDA) and without it (its
 PyTorch path: dequantize, then SDPA). transformers' QuantizedCache (quanto) is timed if quanto is installed.
 """
-import argparse, datetime, importlib.util, json, time
+import argparse, datetime, json, time
 from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-from tiny_turboquant.cache import TinyKVCache
+from tiny_turboquant.cache import TinyKVCache, memory_report
+from tiny_turboquant.eval import parse_method, peer_unavailable
 from tiny_turboquant import kernel
 from tiny_turboquant.kernel import build_kernel
 
@@ -34,8 +36,9 @@ def make_model():
 def filled_cache(model, kind, context):
     torch.manual_seed(0)
     if kind == "dynamic": cache = DynamicCache()
+    elif kind == "quanto": cache = parse_method("quanto:4").make(model)  # transformers' QuantizedCache, int4
     else: cache = TinyKVCache.for_model(model, fused_attention=(kind == "tiny-fused"))
-    if kind == "dynamic" or kind == "tiny-pytorch": model.set_attn_implementation("sdpa")
+    if kind != "tiny-fused": model.set_attn_implementation("sdpa")
     for i in range(LAYERS):
         k = torch.randn(B, 8, context, 128, device="cuda", dtype=torch.bfloat16)
         cache.update(k, torch.randn_like(k), i)
@@ -44,8 +47,8 @@ def filled_cache(model, kind, context):
 
 
 def kv_bytes(cache):
-    if isinstance(cache, TinyKVCache): return cache.memory_report().held_bytes
-    return sum(t.untyped_storage().nbytes() for l in cache.layers for t in (l.keys, l.values))
+    if isinstance(cache, DynamicCache): return sum(t.untyped_storage().nbytes() for l in cache.layers for t in (l.keys, l.values))
+    return memory_report(cache).held_bytes
 
 
 @torch.no_grad()
@@ -54,7 +57,7 @@ def run(model, kind, context, steps):
     ids = torch.randint(0, model.config.vocab_size, (B, 1), device="cuda")
     def step(ids):
         return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(3): ids = step(ids)
+    for _ in range(5): ids = step(ids)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -92,8 +95,12 @@ def main():
     model = make_model()
     runs = []
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
+    quanto_missing = peer_unavailable("quanto")
+    kinds = ("dynamic", "tiny-fused", "tiny-pytorch") + (() if quanto_missing else ("quanto",))
+    for kind in kinds:  # warm-up, discarded: a process's first runs pay one-time costs (quanto builds its kernels)
+        run(model, kind, 4096, 3)
     for context in map(int, args.contexts.split(",")):
-        for kind in ("dynamic", "tiny-fused", "tiny-pytorch"):
+        for kind in kinds:
             r = run(model, kind, context, args.steps)
             runs.append(r)
             out.with_suffix(".partial.json").write_text(json.dumps(runs, indent=1))
@@ -107,15 +114,17 @@ def main():
         summary.append(dict(context=context, wall_speedup_vs_dynamic=d["wall_ms_per_token"] / t["wall_ms_per_token"],
                             gpu_busy_speedup_vs_dynamic=d["gpu_busy_ms_per_token"] / t["gpu_busy_ms_per_token"],
                             kv_ratio_vs_dynamic=d["kv_bytes"] / t["kv_bytes"], peak_ratio_vs_dynamic=d["peak_bytes"] / t["peak_bytes"],
-                            fused_speedup_vs_pytorch_path=by["tiny-pytorch"]["wall_ms_per_token"] / t["wall_ms_per_token"]))
+                            fused_speedup_vs_pytorch_path=by["tiny-pytorch"]["wall_ms_per_token"] / t["wall_ms_per_token"],
+                            **({} if "quanto" not in by else dict(
+                                wall_speedup_vs_quanto=by["quanto"]["wall_ms_per_token"] / t["wall_ms_per_token"],
+                                gpu_busy_speedup_vs_quanto=by["quanto"]["gpu_busy_ms_per_token"] / t["gpu_busy_ms_per_token"]))))
         print(summary[-1])
-    quanto = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   model="LlamaForCausalLM, Llama-3-8B shapes (4096 hidden, 32/8 heads, head_dim 128), 8 layers, random weights, bf16",
                   kernel_defines=args.define, runs=runs, summary=summary, cuda_graph="not measured: the decode step is not captured in a CUDA graph yet",
-                  quantized_cache=("timed" if quanto else "not measured: optimum-quanto is not installed on this machine "
-                                   "(no network); tiny-pytorch is the dequantize-then-SDPA strategy for comparison"))
+                  quantized_cache=("timed: transformers' QuantizedCache, quanto int4 (runs of cache 'quanto')" if not quanto_missing
+                                   else f"not measured: {quanto_missing}; tiny-pytorch is the dequantize-then-SDPA strategy"))
     out.write_text(json.dumps(result, indent=1))
     out.with_suffix(".partial.json").unlink()
     print("wrote", out)
