@@ -7,8 +7,8 @@ Shapes: Llama-3-8B (32 query / 8 KV heads) and Qwen2.5-7B (28 / 4), head_dim 128
 values). Kernel times are CUDA-graph replays (GPU time without the host's launch overhead; `ours_eager_us` is one
 eager call, host included). In the same run: the device-to-device copy bandwidth (bytes read + written), torch SDPA over fp16 K/V
 (with enable_gqa, and with the query heads of a KV head packed as queries; the faster is the fp16 floor), dequantize
-+ SDPA (what a quantized cache without a kernel does each step, timed eagerly), and transformers' QuantizedCache if quanto is
-installed. Each time is the median of `--reps` calls timed with CUDA events after warm-up.
++ SDPA (what a quantized cache without a kernel does each step, timed eagerly), and, where quanto is installed,
+transformers' QuantizedCache (quanto int4: append one token, attend; on the rows that time dequantize + SDPA). Each time is the median of `--reps` calls timed with CUDA events after warm-up.
 
     python benchmarks/bench_kernel.py --variant old=TT_PIPE=0 --variant s4=TT_STAGES=4
     python benchmarks/bench_kernel.py --batches 8 --contexts 16384,65536 --bits 4/4   # a subset
@@ -16,14 +16,16 @@ installed. Each time is the median of `--reps` calls timed with CUDA events afte
 also times other builds of the kernel (comma-separated macros) on the same data in the same run, with their error
 against the float64 reference where it is computed; they land in each row's `variants`.
 """
-import argparse, datetime, importlib.util, json, platform
+import argparse, datetime, json, platform
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tiny_turboquant.window import CompressedKV
 from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, build_kernel
+from tiny_turboquant.eval import peer_unavailable
 
 SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
+SHAPES_BY_HEADS = {(hq, d): hkv for hq, hkv, d in SHAPES.values()}
 
 
 def median_us(f, reps):
@@ -75,6 +77,25 @@ def stored_bytes(h):
                                                       h.value_scale, h.value_zero, h.window_keys, h.window_values))
 
 
+def quanto_layer_step(q, context, device="cuda"):
+    "One decode layer-step through transformers' QuantizedCache (quanto, int4) holding `context` fp16 tokens: append, attend."
+    from types import SimpleNamespace
+    from transformers import LlamaConfig
+    from tiny_turboquant.eval import parse_method
+    B, Hq, _, D = q.shape
+    Hkv = SHAPES_BY_HEADS[(Hq, D)]
+    cfg = LlamaConfig(num_hidden_layers=1, num_attention_heads=Hq, num_key_value_heads=Hkv, hidden_size=Hq * D)
+    cache = parse_method("quanto:4").make(SimpleNamespace(config=cfg))
+    k = torch.randn(B, Hkv, context, D, device=device, dtype=q.dtype)
+    cache.update(k, torch.randn_like(k), 0)
+    del k
+    k1, v1 = torch.randn(B, Hkv, 1, D, device=device, dtype=q.dtype), torch.randn(B, Hkv, 1, D, device=device, dtype=q.dtype)
+    def step():
+        kk, vv = cache.update(k1, v1, 0)
+        return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+    return step
+
+
 def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), variants=()):
     Hq, Hkv, D = SHAPES[shape]
     G = Hq // Hkv
@@ -108,11 +129,14 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), 
             kk, vv = h.dequantized()
             return F.scaled_dot_product_attention(qp, kk, vv)
         t_deq = median_us(dequant_sdpa, max(5, reps // 4))
+    t_quanto = None
+    if with_dequant and peer_unavailable("quanto") is None:
+        t_quanto = median_us(quanto_layer_step(q, context), max(5, reps // 4))
     t_sdpa = min(t_gqa, t_packed)
     for v in timed_variants.values(): v["speedup_vs_sdpa"] = t_sdpa / v["us"]
     fp16_bytes = 2 * B * Hkv * context * D * 2 + 2 * q.numel() * q.element_size()
     row = dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", heads=f"{Hq}/{Hkv}", head_dim=D,
-               ours_us=t_ours, ours_eager_us=t_ours_eager, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq,
+               ours_us=t_ours, ours_eager_us=t_ours_eager, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq, quanto_us=t_quanto,
                speedup_vs_sdpa=t_sdpa / t_ours, ours_bytes=ours_bytes, fp16_bytes=fp16_bytes,
                ours_GBps=ours_bytes / t_ours / 1e3, sdpa_GBps=fp16_bytes / t_sdpa / 1e3,
                fraction_of_copy=ours_bytes / t_ours / 1e3 / copy_bw, sdpa_fraction_of_copy=fp16_bytes / t_sdpa / 1e3 / copy_bw,
@@ -175,6 +199,7 @@ def main():
         print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
               f"{r['fraction_of_copy']:.2f} of copy; eager {r['ours_eager_us']:6.1f}), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
               + (f", dequant+SDPA {r['dequant_sdpa_us']:8.1f} us" if r["dequant_sdpa_us"] else "")
+              + (f", quanto QuantizedCache {r['quanto_us']:8.1f} us" if r["quanto_us"] else "")
               + (f", err {r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "")
               + "".join(f"; {n} {v['us']:.1f} us ({v['fraction_of_copy']:.2f})" for n, v in r["variants"].items()), flush=True)
         write(args, copy_bw, rows)  # after every shape, so a run cut short keeps what it measured
@@ -182,14 +207,15 @@ def main():
 
 
 def write(args, copy_bw, rows, plot_it=False):
-    quanto = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
+    quanto_missing = peer_unavailable("quanto")
     result = dict(
         device=torch.cuda.get_device_name(0), sms=torch.cuda.get_device_properties(0).multi_processor_count,
         torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
         copy_GBps=copy_bw, reps=args.reps, kernel_defines=args.define, variants=args.variant, attention=rows,
-        quantized_cache=("transformers QuantizedCache (quanto) timed" if quanto else
-                         "not measured: optimum-quanto is not installed on this machine (no network to install it); "
-                         "dequant_sdpa_us is the same strategy (dequantize the history, then SDPA) without quanto's own kernels"),
+        quantized_cache=("quanto_us: transformers' QuantizedCache (quanto int4) appending one token and attending, on the "
+                         "rows that also time dequantize + SDPA" if not quanto_missing else
+                         f"not measured: {quanto_missing}; dequant_sdpa_us is the same strategy (dequantize the history, "
+                         "then SDPA) without quanto's own kernels"),
         notes="ours_bytes: codes + scales + zeros + window + query + output; fp16_bytes: K + V + query + output. "
               "fits_in_L2 rows are timed with the cache resident in L2 and overstate bandwidth.")
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
