@@ -369,6 +369,7 @@ def _run_cohort(self:Engine, rows=None, cohort=None):
     try:
         if cohort is None:
             cohort, logits = self._prefill(rows)
+            self._measure(cohort)  # before the first token goes out: a client that then reads /metrics sees its bytes
             with self._cv: self._cohorts.append(cohort)
         else: logits = self._decode_step(cohort)
         self.counts["steps"] += 1
