@@ -12,7 +12,7 @@ __all__ = ['tp_local_heads', 'LayerPlacement', 'decoder_layers', 'compute_device
 from dataclasses import dataclass, asdict
 import torch
 import torch.distributed as dist
-from .cache import TinyKVCache, TinyKVLayer, _layer_memory
+from .cache import TinyKVCache, TinyKVLayer, _layer_memory, _tensors
 from .window import _STORED
 
 # %% ../nbs/11_distributed.ipynb #8fe4249d
@@ -60,9 +60,9 @@ def compute_device(module):
     raise ValueError(f"{type(module).__name__} has no parameters and no accelerate hook: its device is unknown")
 
 def _held_tensors(layer):
-    names = _STORED if isinstance(layer, TinyKVLayer) else ("keys", "values")
+    names = _STORED if isinstance(layer, TinyKVLayer) else ("keys", "values", "_quantized_keys", "_quantized_values")
     source = layer.history if isinstance(layer, TinyKVLayer) else layer
-    return [t for t in (getattr(source, n, None) for n in names) if t is not None and t.numel()]
+    return [t for t in _tensors([getattr(source, n, None) for n in names]) if t.numel()]  # QuantizedCache's opened up
 
 def cache_placement(model, cache):
     "A `LayerPlacement` for every layer of `cache` (any transformers `Cache`) against `model`'s decoder layers."
