@@ -12,7 +12,8 @@ between the folded and the plain value road is taken as the kernel takes it. Pri
 histogram. Static counts are not time: a fewer-instruction variant measured no faster on an H200 (08_cuda), but the
 count is a quick, exact check of what a change does to the loop.
 
-NVRTC, cuobjdump and nvdisasm come from NVIDIA's wheels on PyPI (downloaded once into ~/.cache/tiny_turboquant/cuda-tools).
+NVRTC, cuobjdump and nvdisasm come from NVIDIA's Linux x86-64 wheels on PyPI (downloaded once into
+~/.cache/tiny_turboquant/cuda-tools).
 """
 import argparse, collections, ctypes, os, re, subprocess, sys, zipfile
 from pathlib import Path
