@@ -26,6 +26,7 @@ from tiny_turboquant.eval import peer_unavailable
 
 SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
 SHAPES_BY_HEADS = {(hq, d): hkv for hq, hkv, d in SHAPES.values()}
+QUANTO_ERRORS = []  # why quanto's QuantizedCache could not be timed, where it could not
 
 
 def median_us(f, reps):
@@ -131,7 +132,9 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), 
         t_deq = median_us(dequant_sdpa, max(5, reps // 4))
     t_quanto = None
     if with_dequant and peer_unavailable("quanto") is None:
-        t_quanto = median_us(quanto_layer_step(q, context), max(5, reps // 4))
+        try: t_quanto = median_us(quanto_layer_step(q, context), max(5, reps // 4))
+        except Exception as e: QUANTO_ERRORS.append(f"{type(e).__name__}: {e}"[:300])  # a peer's failure ends no run
+        torch.cuda.empty_cache()
     t_sdpa = min(t_gqa, t_packed)
     for v in timed_variants.values(): v["speedup_vs_sdpa"] = t_sdpa / v["us"]
     fp16_bytes = 2 * B * Hkv * context * D * 2 + 2 * q.numel() * q.element_size()
@@ -213,7 +216,8 @@ def write(args, copy_bw, rows, plot_it=False):
         torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
         copy_GBps=copy_bw, reps=args.reps, kernel_defines=args.define, variants=args.variant, attention=rows,
         quantized_cache=("quanto_us: transformers' QuantizedCache (quanto int4) appending one token and attending, on the "
-                         "rows that also time dequantize + SDPA" if not quanto_missing else
+                         "rows that also time dequantize + SDPA" + (f"; failed: {sorted(set(QUANTO_ERRORS))}" if QUANTO_ERRORS else "")
+                         if not quanto_missing else
                          f"not measured: {quanto_missing}; dequant_sdpa_us is the same strategy (dequantize the history, "
                          "then SDPA) without quanto's own kernels"),
         notes="ours_bytes: codes + scales + zeros + window + query + output; fp16_bytes: K + V + query + output. "
