@@ -211,6 +211,7 @@ class Engine:
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used from two threads at once
         self._cv = threading.Condition()
         self._waiting, self._cohorts = deque(), []
+        self._admitted = 0  # rows taken from the queue whose batch is still in its prefill (not yet in _cohorts)
         self._thread, self._stopping, self.started = None, False, time.time()
         self._recent = deque()  # (time, tokens) of recent steps, for tokens/s
         self._ttft = deque(maxlen=1000)
@@ -222,7 +223,7 @@ class Engine:
 
 # %% ../nbs/06_server.ipynb #f5e55904
 def _rows_waiting(self): return sum(len(j.rows) for j in self._waiting)
-def _rows_active(self): return sum(len(c.rows) for c in self._cohorts)
+def _rows_active(self): return sum(len(c.rows) for c in self._cohorts) + self._admitted
 Engine.rows_waiting, Engine.rows_active = _rows_waiting, _rows_active
 
 def _submit(self:Engine, job):
@@ -362,6 +363,7 @@ def _admit(self:Engine):
         while self._waiting and len(self._waiting[0].rows) <= free - len(rows):
             job = self._waiting.popleft()
             rows += job.rows
+        self._admitted = len(rows)  # they hold their slots through the prefill, before their batch joins _cohorts
         return rows
 
 def _run_cohort(self:Engine, rows=None, cohort=None):
@@ -370,7 +372,7 @@ def _run_cohort(self:Engine, rows=None, cohort=None):
         if cohort is None:
             cohort, logits = self._prefill(rows)
             self._measure(cohort)  # before the first token goes out: a client that then reads /metrics sees its bytes
-            with self._cv: self._cohorts.append(cohort)
+            with self._cv: self._cohorts.append(cohort); self._admitted = 0
         else: logits = self._decode_step(cohort)
         self.counts["steps"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(cohort.rows))
@@ -381,7 +383,9 @@ def _run_cohort(self:Engine, rows=None, cohort=None):
         for job in complete: self._complete(job)  # after the measurement: a finished job holds no memory
     except Exception as e:
         for job in {id(r.job): r.job for r in (cohort.rows if cohort is not None else rows)}.values(): self._fail(job, e)
-        with self._cv: self._cohorts = [c for c in self._cohorts if c is not cohort]
+        with self._cv:
+            self._cohorts = [c for c in self._cohorts if c is not cohort]
+            if rows is not None: self._admitted = 0
 
 def _measure(self:Engine, cohort, every_s=0.25):
     "Measure the bytes `cohort`'s cache holds: when its rows changed, else at most every `every_s` (it costs ~1 ms)."
@@ -457,7 +461,7 @@ def _metrics(self:Engine, window_s=10.0):
     span = min(window_s, now - recent[0][0]) if len(recent) > 1 else 0
     with self._cv:
         cohorts, waiting = list(self._cohorts), list(self._waiting)
-        active = sum(len(c.rows) for c in cohorts)
+        active = self.rows_active()
     held, full = sum(c.held for c in cohorts), sum(c.uncompressed for c in cohorts)
     ttft = list(self._ttft)
     return dict(self.counts, active_sequences=active, active_batches=len(cohorts), free_slots=self.max_batch - active,
