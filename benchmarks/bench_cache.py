@@ -5,20 +5,15 @@
 
 Writes benchmarks/results/cache_<device>.json. Each context is prefilled once per cache, then `--steps` single-token
 decode steps are timed (median ms per step; CUDA synchronized around each step). Bytes held come from
-`memory_report()` for TinyKVCache and from the storage of DynamicCache's tensors.
+`memory_report`, which counts the storage of every tensor either cache holds.
 """
 import argparse, json, platform, statistics, time, warnings
 from pathlib import Path
 import torch, transformers
 from transformers import DynamicCache
 from tqdm import tqdm
-from tiny_turboquant.cache import TinyKVCache, PRESETS
+from tiny_turboquant.cache import TinyKVCache, PRESETS, memory_report
 from tiny_turboquant.models import cache_kwargs, load_model, sample_text
-
-
-def dynamic_bytes(cache):
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for l in cache.layers for t in (l.keys, l.values) if t is not None and t.numel()}.values())
 
 
 def time_decode(model, ids, cache, steps):
@@ -52,9 +47,9 @@ def main():
         ids = ids_all[:, :ctx]
         dyn, tiny = DynamicCache(config=model.config), TinyKVCache.for_model(model, a.compression)
         ms_dyn, ms_tiny = time_decode(model, ids, dyn, a.steps), time_decode(model, ids, tiny, a.steps)
-        rep = tiny.memory_report()
+        dyn_bytes, tiny_bytes = memory_report(dyn).held_bytes, memory_report(tiny).held_bytes
         rows.append(dict(context=ctx, dynamic_ms_per_token=ms_dyn, tiny_ms_per_token=ms_tiny, time_ratio=ms_tiny / ms_dyn,
-                         dynamic_bytes=dynamic_bytes(dyn), tiny_bytes=rep.held_bytes, memory_ratio=dynamic_bytes(dyn) / rep.held_bytes))
+                         dynamic_bytes=dyn_bytes, tiny_bytes=tiny_bytes, memory_ratio=dyn_bytes / tiny_bytes))
         tqdm.write(f"{ctx:6d} tokens: DynamicCache {ms_dyn:7.2f} ms/token, TinyKVCache {ms_tiny:7.2f} ms/token "
                    f"({ms_tiny / ms_dyn:.2f}x); bytes {rows[-1]['memory_ratio']:.2f}x fewer")
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or platform.machine()

@@ -46,11 +46,6 @@ def filled_cache(model, kind, context):
     return cache
 
 
-def kv_bytes(cache):
-    if isinstance(cache, DynamicCache): return sum(t.untyped_storage().nbytes() for l in cache.layers for t in (l.keys, l.values))
-    return memory_report(cache).held_bytes
-
-
 @torch.no_grad()
 def run(model, kind, context, steps):
     cache = filled_cache(model, kind, context)
@@ -74,7 +69,7 @@ def run(model, kind, context, steps):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 3 / 1e3
-    held = kv_bytes(cache)
+    held = memory_report(cache).held_bytes
     row = dict(cache=kind, context=context, batch=B, layers=LAYERS, steps=steps, wall_ms_per_token=wall,
                gpu_ms_per_token=gpu, gpu_busy_ms_per_token=busy, kv_bytes=held, peak_bytes=peak,
                resident_before_decode_bytes=base, transient_peak_bytes=peak - base)

@@ -413,5 +413,7 @@ d = { 'settings': { 'branch': 'main',
                                                                                        'tiny_turboquant/window.py'),
                                         'tiny_turboquant.window._select': ('residual_window.html#_select', 'tiny_turboquant/window.py'),
                                         'tiny_turboquant.window._truncate': ('residual_window.html#_truncate', 'tiny_turboquant/window.py'),
+                                        'tiny_turboquant.window.storage_bytes': ( 'residual_window.html#storage_bytes',
+                                                                                  'tiny_turboquant/window.py'),
                                         'tiny_turboquant.window.tokens_to_flush': ( 'residual_window.html#tokens_to_flush',
                                                                                     'tiny_turboquant/window.py')}}}

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 from .affine import check_bits
 from .kivi import analytic_ratio, value_groups
-from .window import CompressedKV
+from .window import CompressedKV, storage_bytes
 
 # %% ../nbs/04_cache.ipynb #dbc82714
 PRESETS = {
@@ -206,9 +206,7 @@ def _tensors(obj):
     if isinstance(obj, (list, tuple)): return [t for v in obj for t in _tensors(v)]
     return []
 
-def _storage_bytes(*objs):
-    "Bytes of the distinct storages behind every tensor inside `objs` (a storage shared by views counts once)."
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(objs) if t.numel()}.values())
+def _storage_bytes(*objs): return storage_bytes(_tensors(objs))
 
 @dataclass
 class LayerMemory:
