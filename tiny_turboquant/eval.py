@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 from tqdm.auto import tqdm
 import tiny_turboquant
 from .cache import PRESETS, TinyKVCache, memory_report
-from .models import corpus_files, load_model, sample_text
+from .models import corpus_files, eos_ids, load_model, sample_text
 from .demo import demo_prompt, first_divergence
 
 # %% ../nbs/07_eval.ipynb #6e4d0e41
@@ -609,9 +609,7 @@ def validate_main(argv=None):
         t0 = time.perf_counter()
         model, tok = _load(args)
         texts = prompts or default_prompts(tok)
-        eos = {e for e in [tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-            model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])] if e is not None}
-        rows = validate(model, [encode_prompt(tok, t) for t in texts], methods[0], args.max_new_tokens, eos)
+        rows = validate(model, [encode_prompt(tok, t) for t in texts], methods[0], args.max_new_tokens, eos_ids(model, tok))
         print(f"{methods[0].name} vs uncompressed, greedy, {args.model or 'SmolLM2-135M-Instruct (embedded)'} ({args.dtype})\n")
         print("| prompt | tokens | generated | agreement | first divergence | teacher-forced agreement | KL/step | ratio | saved |")
         print("|---|---|---|---|---|---|---|---|---|")

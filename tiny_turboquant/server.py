@@ -7,7 +7,7 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/server.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'CHATML', 'COMPRESSIONS', 'StreamText', 'byte_tokenizer', 'sample_token', 'cache_factory', 'kv_bytes', 'Job',
-           'Row', 'Cohort', 'QueueFull', 'context_length', 'eos_ids', 'Engine', 'TextPart', 'Message', 'StreamOptions',
+           'Row', 'Cohort', 'QueueFull', 'context_length', 'Engine', 'TextPart', 'Message', 'StreamOptions',
            'ChatRequest', 'CompletionRequest', 'APIError', 'error_response', 'chat_prompt', 'completion_prompts',
            'make_job', 'make_app', 'serve', 'build_app', 'main']
 
@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import PRESETS, TinyKVCache, memory_report
-from .models import cache_kwargs
+from .models import cache_kwargs, eos_ids
 
 try:
     import uvicorn
@@ -185,13 +185,6 @@ def context_length(model, tokenizer=None):
     "The longest sequence (prompt plus completion) the model takes."
     n = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     return int(n) if n else int(getattr(tokenizer, "model_max_length", 2048))
-
-def eos_ids(model, tokenizer):
-    "Token ids that end a sequence: the tokenizer's and the generation config's end-of-sequence tokens."
-    ids = {tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)}
-    flat = set()
-    for i in ids: flat |= set(i) if isinstance(i, (list, tuple)) else {i}
-    return {int(i) for i in flat if i is not None}
 
 # %% ../nbs/06_server.ipynb #ba18100c
 class Engine:
