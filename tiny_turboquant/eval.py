@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 from tqdm.auto import tqdm
 import tiny_turboquant
 from .cache import PRESETS, TinyKVCache, memory_report
-from .models import corpus_files, eos_ids, load_model, sample_text
+from .models import cache_kwargs, corpus_files, eos_ids, load_model, sample_text
 from .demo import demo_prompt, first_divergence
 
 # %% ../nbs/07_eval.ipynb #6e4d0e41
@@ -114,7 +114,7 @@ def cache_bytes(cache):
 def prefill_states(model, ids, step=2048):
     "Per-layer (keys, values) of `ids` (1-D), computed with an uncompressed cache in pieces of `step` tokens."
     cache = DynamicCache(config=model.config)
-    for s in range(0, len(ids), step): model(ids[None, s:s + step].to(model.device), cache=cache, logits_to_keep=1)
+    for s in range(0, len(ids), step): model(ids[None, s:s + step].to(model.device), **cache_kwargs(model, cache), logits_to_keep=1)
     return [(l.keys, l.values) for l in cache.layers]
 
 def load_states(cache, states, n=None, dtype=None):
@@ -143,7 +143,7 @@ class Score:
 def reference_window(model, window, prefix):
     "One-pass log-probabilities of the scored targets `window[prefix+1:]` and the prefix states."
     cache = DynamicCache(config=model.config)
-    logits = model(window[None].to(model.device), cache=cache, logits_to_keep=len(window) - prefix).logits[0, :-1]
+    logits = model(window[None].to(model.device), **cache_kwargs(model, cache), logits_to_keep=len(window) - prefix).logits[0, :-1]
     states = [(l.keys[..., :prefix, :], l.values[..., :prefix, :]) for l in cache.layers]
     return logits.float().log_softmax(-1), states
 
@@ -154,7 +154,7 @@ def score_chunks(model, window, prefix, chunk, cache, ref_logprobs, score):
     targets = window[prefix + 1:].to(model.device)
     for s in range(0, len(targets), chunk):
         x = window[prefix + s: prefix + s + chunk].to(model.device)
-        lp = model(x[None], cache=cache).logits[0].float().log_softmax(-1)
+        lp = model(x[None], **cache_kwargs(model, cache)).logits[0].float().log_softmax(-1)
         tgt, ref = targets[s: s + chunk], ref_logprobs[s: s + chunk]
         lp = lp[:len(tgt)]
         score.nll += -lp.gather(-1, tgt[:, None]).sum().item()
@@ -290,11 +290,11 @@ def passkey_prompt(tok, n_tokens, depth, key):
 def answer_with(model, states, question, cache, new_tokens=ANSWER_TOKENS):
     "Greedy answer after loading the haystack `states` into `cache` and reading `question` through it."
     load_states(cache, states)
-    logits = model(question[None].to(model.device), cache=cache).logits[0, -1]
+    logits = model(question[None].to(model.device), **cache_kwargs(model, cache)).logits[0, -1]
     out = []
     for _ in range(new_tokens):
         out.append(logits.argmax())
-        logits = model(out[-1].view(1, 1), cache=cache).logits[0, -1]
+        logits = model(out[-1].view(1, 1), **cache_kwargs(model, cache)).logits[0, -1]
     return torch.stack(out)
 
 def passkey(model, tok, methods, lengths=(2048, 4096, 8192), trials=5, seed=0, progress=False, errors=None):
@@ -539,13 +539,13 @@ def eval_main(argv=None):
 @torch.inference_mode()
 def greedy_logprobs(model, prompt, cache, steps, forced=None, eos=None):
     "Greedy decode `steps` tokens (or feed `forced` tokens one at a time): (tokens, per-step log-probs)."
-    logits = model(prompt[None].to(model.device), cache=cache).logits[0, -1]
+    logits = model(prompt[None].to(model.device), **cache_kwargs(model, cache)).logits[0, -1]
     toks, lps = [], []
     for i in range(steps if forced is None else len(forced)):
         lps.append(logits.float().log_softmax(-1))
         toks.append(logits.argmax() if forced is None else forced[i].to(model.device))
         if forced is None and eos is not None and toks[-1].item() in eos: break
-        logits = model(toks[-1].view(1, 1), cache=cache).logits[0, -1]
+        logits = model(toks[-1].view(1, 1), **cache_kwargs(model, cache)).logits[0, -1]
     return torch.stack(toks), torch.stack(lps)
 
 def validate(model, prompts, method, max_new_tokens=128, eos=None):

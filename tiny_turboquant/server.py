@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import PRESETS, TinyKVCache, memory_report
-from .models import cache_kwargs, eos_ids
+from .models import cache_kwargs, eos_ids, forward_params
 
 try:
     import uvicorn
@@ -178,7 +178,7 @@ class QueueFull(Exception): "The engine cannot take another job now."
 def _step_kwargs(model, cache):
     "Keyword arguments of a decode step: the cache under this transformers version's name, and one position of logits."
     kw = cache_kwargs(model, cache)
-    if "logits_to_keep" in inspect.signature(model.forward).parameters: kw["logits_to_keep"] = 1
+    if "logits_to_keep" in forward_params(model): kw["logits_to_keep"] = 1
     return kw
 
 def context_length(model, tokenizer=None):
