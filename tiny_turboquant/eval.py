@@ -351,7 +351,9 @@ def machine():
                 torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 # %% ../nbs/07_eval.ipynb #189c4ea3
-def _add_model_args(p):
+def _command_parser(prog, description):
+    "The argument parser of one of our commands, with the model and cache arguments they all take."
+    p = _Parser(prog=prog, description=description)
     p.add_argument("--model", default=None, help="local path or hub name (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--compression", default=None, help="preset, or comma-separated presets / kXvY specs (e.g. safe,k2v2)")
     p.add_argument("--key-bits", type=int, default=None)
@@ -362,6 +364,7 @@ def _add_model_args(p):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", default=None, help="write the JSON report here")
+    return p
 
 def _our_methods(args):
     "Methods from --compression / --key-bits / --value-bits (default: safe)."
@@ -507,8 +510,7 @@ def pareto_plot(report, path=None, ax=None):
 def eval_main(argv=None):
     "Command line: honest perplexity / KL / bytes held (and passkey) of TinyKVCache and transformers' QuantizedCache."
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = _Parser(prog="tiny-turboquant-eval", description=eval_main.__doc__)
-    _add_model_args(p)
+    p = _command_parser("tiny-turboquant-eval", eval_main.__doc__)
     p.add_argument("--peer", action="append", help="quanto or hqq, optionally with bits and axis (hqq:4/3/2, hqq:3:0); repeatable")
     p.add_argument("--text", default="austen", help="austen (../shared/corpora), pydoc, or wikitext2 (needs the hub)")
     p.add_argument("--text-file", default=None)
@@ -596,8 +598,7 @@ def read_prompts(path):
 def validate_main(argv=None):
     "Command line: greedy A/B of a compressed cache against the uncompressed one (agreement, divergence, KL, memory)."
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = _Parser(prog="tiny-turboquant-validate", description=validate_main.__doc__)
-    _add_model_args(p)
+    p = _command_parser("tiny-turboquant-validate", validate_main.__doc__)
     p.add_argument("--prompts", default=None, help="text file, prompts separated by lines of ---")
     p.add_argument("--max-new-tokens", type=int, default=128)
     args = p.parse_args(argv)
