@@ -34,7 +34,7 @@ def tp_local_heads(config, world_size):
 class LayerPlacement:
     "Where one cache layer's tensors live, against the device its decoder layer computes on."
     layer: int
-    kind: str             # compressed | protected | sliding (TinyKVCache), uncompressed (other caches)
+    kind: str             # compressed | protected | sliding (TinyKVCache), quantized (QuantizedCache), uncompressed
     compute_device: str   # the decoder layer's device (accelerate's execution device under a device_map)
     cache_devices: tuple  # devices of the tensors the cache layer holds; empty before its first token
     kv_heads: int         # key/value heads the cache layer holds (a rank's local heads under tensor parallelism)
