@@ -58,9 +58,9 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     vgroups = value_scale.size(3);
     TORCH_CHECK(value_scale.size(2) == nq && value_scale.stride(2) == vgroups && value_zero.sizes() == value_scale.sizes() &&
                 value_zero.strides() == value_scale.strides(), "value scale/zero shape mismatch");
-    TORCH_CHECK(vgroups > 1 || (reinterpret_cast<uintptr_t>(value_scale.data_ptr()) % 4 == 0 &&
-                reinterpret_cast<uintptr_t>(value_zero.data_ptr()) % 4 == 0 && value_scale.stride(0) % 2 == 0 &&
-                value_scale.stride(1) % 2 == 0), "value scale/zero rows must be 4-byte aligned");
+    for (auto* t : {&key_scale, &key_zero, &value_scale, &value_zero})  // the kernel copies them in 16-byte units
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && (t->size(0) == 1 || t->stride(0) % 8 == 0) &&
+                  (t->size(1) == 1 || t->stride(1) % 8 == 0), "scales and zeros must start 16-byte aligned for every (row, head)");
     TORCH_CHECK(D % vgroups == 0 && (vgroups == 1 || (D / vgroups) % (D / 8) == 0),
                 "value groups must span at least head_dim/8 channels, got ", vgroups, " groups of ", D);
   }
@@ -90,24 +90,23 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.B = B; p.Hkv = Hkv; p.G = Hq / Hkv; p.D = D; p.key_bits = key_bits; p.value_bits = value_bits;
   p.nq = nq; p.nw = nw;
   p.head_groups = (p.G + 7) / 8;
-  // split-K: pick the number of splits per (row, kv head) so the blocks fill whole waves of the GPU (at least 90% of
-  // the resident slots busy), with at least 2 key blocks per split so every warp has a few chunks to pipeline
+  // split-K: pick the number of splits per (row, head group) so that the blocks fill whole waves of the GPU (at least
+  // 90% of the resident slots busy), with at least 2 key blocks per split so every warp has a few chunks to pipeline;
+  // every split also takes a share of the window, so no block is left with the window alone
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
-  if (ntiles > 0) {
-    const int64_t resident = int64_t(sms) * occ;
-    const int64_t max_splits = std::max<int64_t>(1, ntiles / 2);
-    int64_t best = 1; double best_eff = 0;
-    for (int64_t s = 1; s <= max_splits; ++s) {
-      const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
-      const double eff = double(blocks) / double(waves * resident);
-      if (eff > best_eff + 1e-9) { best = s; best_eff = eff; }
-      if (eff >= 0.9) break;
-    }
-    const int64_t tps = (ntiles + best - 1) / best;
-    p.tiles_per_split = tps; p.q_splits = (ntiles + tps - 1) / tps;
+  const int64_t resident = int64_t(sms) * occ;
+  const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64});
+  int64_t splits = 1; double best_eff = 0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
+    const double eff = double(blocks) / double(waves * resident);
+    if (eff > best_eff + 1e-9) { splits = s; best_eff = eff; }
+    if (eff >= 0.9) break;
   }
-  p.w_splits = (nw + 63) / 64;
-  p.parts = 4 * (p.q_splits + p.w_splits);
+  p.splits = splits;
+  p.tiles_per_split = (ntiles + splits - 1) / splits;
+  p.window_per_split = (nw + splits - 1) / splits;
+  p.parts = 2 * DECODE_WARPS * splits;
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);

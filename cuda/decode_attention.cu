@@ -1,15 +1,13 @@
 // Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
 //
-// Grid of the split kernels: (split, kv head * head group, batch row). A block has 4 warps; each warp walks its own
-// range of 16*MT-token chunks and keeps its own online-softmax state, so the main loop has no block barrier; each warp
-// writes one partial (running max m, sum l, unnormalised output o) and `combine_kernel` merges them.
-// With TT_PIPE (default) each warp copies its chunks into its own shared-memory stages with cp.async, TT_STAGES - 1
-// chunks ahead of the one it computes, and reads the mma fragments from there (LDS); the value scales come through
-// registers one chunk ahead. Measured on an H200 (benchmarks/results/kernel_h200*.json; instructions counted with
-// tools/sass_count.py): cutting the loop body from about 1,170 to 880 SASS instructions per 32-token chunk (one LOP3
-// per code pair, hoisted addresses, no rescale while the running max stands) made it 1.02-1.25x faster; cutting it
-// further to about 680 (TT_KEY_INPLACE, TT_FOLD) changed nothing, nor did a 4th stage. So the loop is no longer bound
-// by instruction issue; what bounds it is still open (08_cuda lists what to try next).
+// One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
+// warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window; each warp walks
+// its quarter of the block's 32-token chunks with its own online-softmax state (the main loop has no block barrier),
+// copying them into its own shared-memory stages with cp.async TT_STAGES - 1 chunks ahead of the one it computes
+// (codes, the value scales and zeros, and each key block's scale and zero rows) and reading the mma fragments from
+// there. Each warp writes one partial for its chunks and one for its window tokens (running max m, sum l,
+// unnormalised output o); `combine_kernel` merges them. The host picks the number of splits so that the grid is one
+// whole wave of resident blocks where it can (benchmarks/results/kernel_h200*.json has what each choice measured).
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
@@ -26,13 +24,9 @@
 
 namespace {
 
-// Variants, chosen by benchmarks/bench_kernel.py --define / --variant (the defaults are the fastest measured on an
-// H200; TT_PIPE=0 is the previous default, 2-9% slower at contexts >= 16k):
-#ifndef TT_PIPE
-#define TT_PIPE 1      // 1: each warp stages its chunks in shared memory with cp.async, TT_STAGES deep; 0: registers
-#endif
+// Variants, chosen by benchmarks/bench_kernel.py --define / --variant (the defaults are the fastest measured on an H200):
 #ifndef TT_STAGES
-#define TT_STAGES 3    // shared-memory stages per warp (TT_PIPE): TT_STAGES - 1 chunks in flight while one is computed
+#define TT_STAGES 3    // shared-memory stages per warp: TT_STAGES - 1 chunks in flight while one is computed
 #endif
 #ifndef TT_FOLD
 #define TT_FOLD 0      // 1: fold the per-token value scale into the probabilities (one value group only): the value codes
@@ -48,29 +42,24 @@ namespace {
 #ifndef TT_KEY_INPLACE
 #define TT_KEY_INPLACE 0  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
 #endif                    //    and the query absorbs their place value
-#ifndef TT_PREFETCH
-#define TT_PREFETCH 0  // 1 (TT_PIPE=0 only): double-buffered chunks in registers
-#endif
 #ifndef TT_MT
-#define TT_MT 2        // 16-token mma tiles per chunk; 0: 4 (2 for head_dim 256), halved with TT_PREFETCH
+#define TT_MT 2        // 16-token mma tiles per chunk (4: 64-token chunks, measured 9-27% slower)
 #endif
 #ifndef TT_MIN_BLOCKS
 #define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
 #endif
-#if TT_PIPE && TT_PREFETCH
-#error "TT_PREFETCH double-buffers registers; TT_PIPE stages in shared memory: choose one"
-#endif
-#if TT_PIPE && TT_STAGES < 2
+#if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
-constexpr int WARPS = 4;
+constexpr int WARPS = DECODE_WARPS;
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
-constexpr int WINDOW_SPLIT = 64; // window tokens per block (16 per warp)
+constexpr int MAX_VALUE_GROUPS = 8;  // value groups span at least head_dim / 8 channels (one lane's slice)
 constexpr uint32_t MAGIC = 0x64006400u;  // fp16 1024 in both halves: (MAGIC | c) is the half 1024 + c for c < 1024
 
-__device__ __forceinline__ float to_float(uint16_t bits, bool bf16) {
-  return bf16 ? __uint_as_float(uint32_t(bits) << 16) : __half2float(__ushort_as_half(bits));
+__device__ __forceinline__ float to_float(uint16_t bits, bool bf16) {  // both conversions, then a select: no branch
+  const float from_bf16 = __uint_as_float(uint32_t(bits) << 16), from_half = __half2float(__ushort_as_half(bits));
+  return bf16 ? from_bf16 : from_half;
 }
 __device__ __forceinline__ uint16_t from_float(float x, bool bf16) {
   return bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(x)) : __half_as_ushort(__float2half_rn(x));
@@ -144,7 +133,7 @@ __device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<
     for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(load<GLOBAL>(p + i)) << (8 * (i % 4));
   }
 }
-template <int NB>  // the same from a shared-memory stage (TT_PIPE)
+template <int NB>  // the same from a shared-memory stage
 __device__ __forceinline__ void load_words_shared(const uint8_t* p, Words<NB>& out) { load_words<NB, false>(p, out); }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
@@ -265,16 +254,38 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
-// The full-precision window: CUDA cores in fp32, one token at a time per warp (at most a few hundred tokens).
+// The query of the block's heads times softmax scale * log2(e), in fp32 in shared memory ([MAX_HEADS][D], rows past
+// the block's heads zero): the window part and each 128-token block's fold read it there, not from global memory.
 template <int D>
-__device__ __forceinline__ void window_part(const DecodeParams& p, int split) {
-  constexpr int PER = D / 32;  // channels per lane
+__device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
+  const int GH = min(MAX_HEADS, p.G - h0);
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0) * p.q_sh;
+  for (int i = threadIdx.x; i < MAX_HEADS * D; i += WARPS * 32) {
+    const int g = i / D;
+    qs[i] = g < GH ? to_float(q[g * p.q_sh + i % D], p.is_bf16) * p.scale_log2 : 0.f;
+  }
+  __syncthreads();
+}
+
+// The full-precision window: CUDA cores in fp32, each lane D/32 channels. Split s of the launch takes window tokens
+// [s * window_per_split, (s + 1) * window_per_split), a quarter to each warp, UNROLL tokens at a time so that their
+// loads are in flight together; its partial is number (splits + s) * WARPS + warp.
+template <int D>
+__device__ __forceinline__ void window_part(const DecodeParams& p, const float* qs) {
+  constexpr int PER = D / 32, UNROLL = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
+  const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
+  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(p.nw, s_lo + p.window_per_split);
+  const int t_lo = s_lo + warp * per_warp, t_hi = min(s_hi, t_lo + per_warp);
+  const int64_t head0 = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0) * p.parts + (p.splits + blockIdx.x) * WARPS + warp;
+  if (t_lo >= t_hi) {  // no window tokens for this warp: an empty partial, which the combine skips
+    if (lane < GH) { p.ml_part[2 * (head0 + lane * p.parts)] = -INFINITY; p.ml_part[2 * (head0 + lane * p.parts) + 1] = 0.f; }
+    return;
+  }
   const bool bf16 = p.is_bf16;
-  const int t_lo = split * WINDOW_SPLIT + warp * (WINDOW_SPLIT / WARPS);
-  const int t_hi = min(p.nw, t_lo + WINDOW_SPLIT / WARPS);
   const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
   const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
@@ -282,40 +293,51 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, int split) {
   float qf[MAX_HEADS][PER], o[MAX_HEADS][PER], m[MAX_HEADS], l[MAX_HEADS];
 #pragma unroll
   for (int g = 0; g < MAX_HEADS; ++g) {
-    const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(g, GH - 1)) * p.q_sh + lane * PER;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) { qf[g][i] = to_float(qrow[i], bf16) * p.scale_log2; o[g][i] = 0.f; }
+    for (int i = 0; i < PER; ++i) { qf[g][i] = qs[g * D + lane * PER + i]; o[g][i] = 0.f; }
     m[g] = -INFINITY; l[g] = 0.f;
   }
-  for (int t = t_lo; t < t_hi; ++t) {
-    float kf[PER], vf[PER];
+  for (int t0 = t_lo; t0 < t_hi; t0 += UNROLL) {
+    Words<2 * PER> kw[UNROLL], vw[UNROLL];
 #pragma unroll
-    for (int i = 0; i < PER; ++i) { kf[i] = to_float(wk[t * p.wk_st + i], bf16); vf[i] = to_float(wv[t * p.wv_st + i], bf16); }
-    const bool valid = !mask || mask[t];
+    for (int u = 0; u < UNROLL; ++u) {  // past the warp's last token: that token again, masked below
+      const int64_t t = min(t0 + u, t_hi - 1);
+      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wk + t * p.wk_st), kw[u]);
+      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wv + t * p.wv_st), vw[u]);
+    }
 #pragma unroll
-    for (int g = 0; g < MAX_HEADS; ++g) {
-      if (g < GH) {
-        float dot = 0.f;
+    for (int u = 0; u < UNROLL; ++u) {
+      const bool valid = t0 + u < t_hi && (!mask || mask[min(t0 + u, t_hi - 1)]);
+      float kf[PER], vf[PER];
 #pragma unroll
-        for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
+      for (int i = 0; i < PER; ++i) {
+        kf[i] = to_float(uint16_t(kw[u].w[i / 2] >> (16 * (i % 2))), bf16);
+        vf[i] = to_float(uint16_t(vw[u].w[i / 2] >> (16 * (i % 2))), bf16);
+      }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float sc = valid ? dot : -INFINITY;
-        const float mn = fmaxf(m[g], sc);
-        const float alpha = mn == -INFINITY ? 1.f : exp2f(m[g] - mn);
-        const float pr = sc == -INFINITY ? 0.f : exp2f(sc - mn);
-        l[g] = l[g] * alpha + pr;
+      for (int g = 0; g < MAX_HEADS; ++g) {
+        if (g < GH) {
+          float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < PER; ++i) o[g][i] = fmaf(o[g][i], alpha, pr * vf[i]);
-        m[g] = mn;
+          for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+          const float sc = valid ? dot : -INFINITY;
+          const float mn = fmaxf(m[g], sc);
+          const float alpha = mn == -INFINITY ? 1.f : exp2f(m[g] - mn);
+          const float pr = sc == -INFINITY ? 0.f : exp2f(sc - mn);
+          l[g] = l[g] * alpha + pr;
+#pragma unroll
+          for (int i = 0; i < PER; ++i) o[g][i] = fmaf(o[g][i], alpha, pr * vf[i]);
+          m[g] = mn;
+        }
       }
     }
   }
-  const int part = (p.q_splits + split) * WARPS + warp;
 #pragma unroll
   for (int g = 0; g < MAX_HEADS; ++g) {
     if (g < GH) {
-      const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
+      const int64_t base = head0 + g * p.parts;
       if (lane == 0) { p.ml_part[2 * base] = m[g]; p.ml_part[2 * base + 1] = l[g]; }
 #pragma unroll
       for (int i = 0; i < PER; ++i) p.o_part[base * D + lane * PER + i] = o[g][i];
@@ -323,18 +345,20 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, int split) {
   }
 }
 
-__host__ __device__ constexpr int mt_for(int D) { return TT_MT ? TT_MT : (D == 256 ? 2 : 4) / (TT_PREFETCH ? 2 : 1); }
-
-// One warp's shared-memory stage (TT_PIPE): the key codes and value codes of one chunk, then the key scale and zero
-// rows of the 128-token block the chunk belongs to (copied only for a warp's first chunk and each block's first).
+// One warp's shared-memory stage: the key codes and value codes of one chunk, the key scale and zero rows of the
+// 128-token block the chunk belongs to (copied only with a warp's first chunk and each block's first), and the
+// chunk's value scales and zeros ([token][group], room for MAX_VALUE_GROUPS groups).
 template <int D, int KB, int VB>
 struct Stage {
-  static constexpr int CH = 16 * mt_for(D), KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
-  static constexpr int KEYS = 0, VALUES = CH * KR, KSCALE = CH * (KR + VR), BYTES = KSCALE + 4 * D;
-  static_assert(VALUES % 16 == 0 && KSCALE % 16 == 0, "chunks are whole 16-byte units");
+  static constexpr int CH = 16 * TT_MT, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
+  static constexpr int META = CH * MAX_VALUE_GROUPS * 2;                  // bytes of a chunk's value scales (or zeros)
+  static constexpr int KEYS = 0, VALUES = CH * KR, KSCALE = CH * (KR + VR), VSCALE = KSCALE + 4 * D,
+                       VZERO = VSCALE + META, BYTES = VZERO + META;
+  static_assert(VALUES % 16 == 0 && KSCALE % 16 == 0 && (CH * 2) % 16 == 0, "chunks are whole 16-byte units");
 };
+template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * 4; }
 template <int D, int KB, int VB>
-__host__ __device__ constexpr int shared_bytes() { return TT_PIPE ? WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES : 0; }
+__host__ __device__ constexpr int shared_bytes() { return query_bytes<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES; }
 
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
@@ -342,8 +366,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   constexpr int SEGV = D / 8, SEGV_B = SEGV * VB / 8;  // a lane's slice of a value row
   constexpr int NP = D / 8;                            // key channel pairs per lane
   constexpr int NMV = D / 16;                          // value channel tiles (mma m = 16 channels)
-  constexpr int MT = mt_for(D), CH = 16 * MT, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per block
-  if (int(blockIdx.x) >= p.q_splits) { window_part<D>(p, blockIdx.x - p.q_splits); return; }  // same launch
+  using St = Stage<D, KB, VB>;
+  constexpr int MT = TT_MT, CH = St::CH, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per key block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
@@ -359,10 +383,55 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const uint8_t* vc = p.vc + b * p.vc_sb + hkv * p.vc_sh;
   const uint16_t* vs = static_cast<const uint16_t*>(p.vs) + b * p.vm_sb + hkv * p.vm_sh;
   const uint16_t* vz = static_cast<const uint16_t*>(p.vz) + b * p.vm_sb + hkv * p.vm_sh;
-  const uint16_t* qrow = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0 + min(gid, GH - 1)) * p.q_sh;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
-  const int vgroup = (gid * SEGV) / (D / p.vgroups);  // the host checks a lane's value slice sits in one group
-  const bool fold = TT_FOLD && p.vgroups == 1;        // value scale folded into the probabilities
+  const int vgroups = p.vgroups, vgroup = (gid * SEGV) / (D / vgroups);  // the host checks a lane's slice is in one group
+  const bool fold = TT_FOLD && vgroups == 1;  // value scale folded into the probabilities
+
+  // Each warp streams its chunks through TT_STAGES shared-memory stages of its own: cp.async moves whole 16-byte units
+  // (no registers held while in flight), TT_STAGES - 1 chunks ahead of the one being computed. Only __syncwarp is
+  // needed: no warp reads another warp's stages.
+  extern __shared__ __align__(16) uint8_t shared_raw[];
+  float* qs = reinterpret_cast<float*>(shared_raw);
+  uint8_t* stages = shared_raw + query_bytes<D>() + warp * (TT_STAGES * St::BYTES);
+  // where this lane's 16-byte units land: unit lane + 32i lands 512i bytes after unit lane (the swizzle reads bits 3-4)
+  const int key_dst = St::KEYS + swizzled_unit<St::KR>(lane) * 16, value_dst = St::VALUES + swizzled_unit<St::VR>(lane) * 16;
+  const int meta_units = CH * vgroups / 8;  // 16-byte units of a chunk's value scales (as many of its zeros)
+  auto issue = [&](int c, int stage) {  // always commits a group (empty past the end) so the wait counts stay uniform
+    if (c < c_end) {
+      uint8_t* dst = stages + stage * St::BYTES;
+      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES + lane * 16;  // CH * KR bytes per chunk
+      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES) + lane * 16;
+      constexpr int KU = St::VALUES / 16, VU = (St::KSCALE - St::VALUES) / 16;
+#pragma unroll
+      for (int i = 0; i < (KU + 31) / 32; ++i)
+        if (KU % 32 == 0 || lane + 32 * i < KU) cp_async16(dst + key_dst + 512 * i, ksrc + 512 * i);
+#pragma unroll
+      for (int i = 0; i < (VU + 31) / 32; ++i)
+        if (VU % 32 == 0 || lane + 32 * i < VU) cp_async16(dst + value_dst + 512 * i, vsrc + 512 * i);
+      auto meta_unit = [&](int i) {  // unit i of the chunk's value scales, then of its zeros
+        const bool zero = i >= meta_units;
+        const int u = zero ? i - meta_units : i;
+        cp_async16(dst + (zero ? St::VZERO : St::VSCALE) + u * 16, (zero ? vz : vs) + int64_t(c) * CH * vgroups + u * 8);
+      };
+#pragma unroll
+      for (int i = lane; i < 2 * CH * MAX_VALUE_GROUPS / 8; i += 32)  // one round at one value group
+        if (i < 2 * meta_units) meta_unit(i);
+      if (c == c_begin || c % CPT == 0) {  // the chunk that starts a key block (or this warp's run) brings its metadata
+        constexpr int SU = D / 8;          // 16-byte units in a row of D 16-bit numbers
+        const int64_t row = int64_t(c / CPT) * D;
+#pragma unroll
+        for (int i = 0; i < (2 * SU + 31) / 32; ++i) {
+          const int u = lane + 32 * i;
+          if (u < 2 * SU) cp_async16(dst + St::KSCALE + u * 16, (u < SU ? ks : kz) + row + (u % SU) * 8);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);  // the first chunks are on their way while ...
+  stage_query<D>(p, qs);                                          // ... the query is staged (the one block barrier)
+  window_part<D>(p, qs);                                          // ... and this split's window tokens attended
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   uint32_t sink = 0;  // TT_ABLATE == 1 only
@@ -373,59 +442,27 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   uint32_t qh[NP], ql[NP];
   float bias[2] = {0.f, 0.f};
   int cur_tile = -1;
+  // where this lane's value scales sit in a stage ([token][group] 16-bit numbers): tokens 2tig + 8r (and the next one)
+  // of tile mt, the rows of the value mma; with fold, tokens gid + 8r, the rows of the probabilities they multiply
+  int meta_at[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) meta_at[mt][r] = fold ? 16 * mt + gid + 8 * r : (16 * mt + 2 * tig + 8 * r) * vgroups + vgroup;
 
-  // A chunk's codes as this lane's mma fragments need them, and the value scales/zeros of its tokens 2tig (+1, +8, +9).
+  // A chunk's codes as this lane's mma fragments need them.
   struct Chunk {
     Words<SEGK_B> kw[MT][2];
     Words<SEGV_B> vw[MT][4];
   };
-  // Value scales and zeros as two halves: of tokens 2tig (+1) and 8 + 2tig (+1), the rows of the value mma, or with
-  // fold, in [mt][0], of tokens gid and gid + 8, the rows of the score fragment whose probabilities they multiply.
-  struct ValueMeta { uint32_t vsc[MT][2], vzr[MT][2]; };
-  auto load_value_meta = [&](ValueMeta& vm, int tok0) {
-    if (fold) {
-      const unsigned short* s16 = reinterpret_cast<const unsigned short*>(vs) + tok0 + gid;
-      const unsigned short* z16 = reinterpret_cast<const unsigned short*>(vz) + tok0 + gid;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        vm.vsc[mt][0] = uint32_t(__ldg(s16 + 16 * mt)) | (uint32_t(__ldg(s16 + 16 * mt + 8)) << 16);
-        vm.vzr[mt][0] = uint32_t(__ldg(z16 + 16 * mt)) | (uint32_t(__ldg(z16 + 16 * mt + 8)) << 16);
-      }
-      return;
-    }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t ta = int64_t(tok0 + 16 * mt + 2 * tig + 8 * r) * p.vgroups + vgroup;
-        const unsigned short* s16 = reinterpret_cast<const unsigned short*>(vs);
-        const unsigned short* z16 = reinterpret_cast<const unsigned short*>(vz);
-        if (p.vgroups == 1) {  // the two tokens' scales are adjacent: one 4-byte load
-          vm.vsc[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(s16 + ta));
-          vm.vzr[mt][r] = __ldg(reinterpret_cast<const uint32_t*>(z16 + ta));
-        } else {
-          vm.vsc[mt][r] = uint32_t(__ldg(s16 + ta)) | (uint32_t(__ldg(s16 + ta + p.vgroups)) << 16);
-          vm.vzr[mt][r] = uint32_t(__ldg(z16 + ta)) | (uint32_t(__ldg(z16 + ta + p.vgroups)) << 16);
-        }
-      }
-  };
-  auto load_chunk = [&](Chunk& ch, int tok0) {  // straight from global memory (TT_PIPE=0)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        load_words<SEGK_B>(kc + int64_t(tok0 + 16 * mt + gid + 8 * r) * (D * KB / 8) + tig * SEGK_B, ch.kw[mt][r]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        load_words<SEGV_B>(vc + int64_t(tok0 + 16 * mt + 2 * tig + (r & 1) + 8 * (r >> 1)) * (D * VB / 8) + gid * SEGV_B, ch.vw[mt][r]);
-    }
-  };
 
-  // key_scale_row, key_zero_row: this chunk's 128-token block's key scales and zeros (D each), global or shared
-  auto compute_chunk = [&](const Chunk& ch, ValueMeta& vm, int c, const uint16_t* key_scale_row, const uint16_t* key_zero_row) {
+  // st: the chunk's stage (codes, the key block's scale and zero rows where the chunk brought them, value scales)
+  auto compute_chunk = [&](const Chunk& ch, const uint8_t* st, int c) {
     const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile && (TT_ABLATE != 4 || cur_tile < 0)) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
+      const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(st + St::KSCALE), *key_zero_row = key_scale_row + D;
+      const float* qg = qs + gid * D;  // this lane's head (a zero row past the block's heads)
       float bias_part = 0.f, query_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < SEGK / 16; ++j) {
@@ -433,16 +470,19 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
         float qf[16], sf[16], zf[16];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint4 qv = __ldg(reinterpret_cast<const uint4*>(qrow + ch0) + h);
           const uint4 sv = reinterpret_cast<const uint4*>(key_scale_row + ch0)[h];
           const uint4 zv = reinterpret_cast<const uint4*>(key_zero_row + ch0)[h];
-          const uint32_t qa[4] = {qv.x, qv.y, qv.z, qv.w}, sa[4] = {sv.x, sv.y, sv.z, sv.w}, za[4] = {zv.x, zv.y, zv.z, zv.w};
+          const uint32_t sa[4] = {sv.x, sv.y, sv.z, sv.w}, za[4] = {zv.x, zv.y, zv.z, zv.w};
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const int sh = 16 * (e & 1);
-            qf[8 * h + e] = gid < GH ? to_float(uint16_t(qa[e >> 1] >> sh), bf16) : 0.f;
             sf[8 * h + e] = to_float(uint16_t(sa[e >> 1] >> sh), bf16);
             zf[8 * h + e] = to_float(uint16_t(za[e >> 1] >> sh), bf16);
+          }
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float4 qv = reinterpret_cast<const float4*>(qg + ch0 + 8 * h)[e];
+            qf[8 * h + 4 * e] = qv.x; qf[8 * h + 4 * e + 1] = qv.y; qf[8 * h + 4 * e + 2] = qv.z; qf[8 * h + 4 * e + 3] = qv.w;
           }
         }
 #pragma unroll
@@ -452,7 +492,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           int c0, c1;
           key_pair_channels<KB>(i, c0, c1);
           c0 -= 16 * j; c1 -= 16 * j;
-          const float gain = p.scale_log2 * float(KEY_GAIN >> key_pos<KB>(i));  // a power of two times the scale
+          const float gain = float(KEY_GAIN >> key_pos<KB>(i));  // a power of two
           const float v0 = qf[c0] * sf[c0] * gain, v1 = qf[c1] * sf[c1] * gain;
           const __half2 hi = __floats2half2_rn(v0, v1);
           const __half2 lo = __floats2half2_rn(v0 - __low2float(hi), v1 - __high2float(hi));
@@ -461,23 +501,30 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
             query_sum += (__low2float(hi) + __high2float(hi)) + (__low2float(lo) + __high2float(lo));
         }
       }
-      bias_part *= p.scale_log2;
       if (TT_KEY_NOSUB) bias_part -= query_sum * (1024.f / KEY_GAIN);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 2);
       bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
       bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
     }
-
-    if (bf16 && !fold) {  // value scales and zeros of bf16 models become fp16 for the fp16 dequantization
+    // the value scales and zeros of this chunk's tokens, as two halves (see meta_at); bf16 ones become fp16 (non-fold:
+    // the dequantization is fp16 arithmetic)
+    const uint16_t* vsm = reinterpret_cast<const uint16_t*>(st + St::VSCALE);
+    const uint16_t* vzm = reinterpret_cast<const uint16_t*>(st + St::VZERO);
+    const int next = fold ? 8 : vgroups;  // the second half: token gid + 8 (fold), or the next token
+    uint32_t vsc[MT][2], vzr[MT][2];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          vm.vsc[mt][r] = uint32_t(half_bits_of(uint16_t(vm.vsc[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vm.vsc[mt][r] >> 16), true)) << 16);
-          vm.vzr[mt][r] = uint32_t(half_bits_of(uint16_t(vm.vzr[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vm.vzr[mt][r] >> 16), true)) << 16);
+      for (int r = 0; r < (fold ? 1 : 2); ++r) {
+        const int i = meta_at[mt][r];
+        vsc[mt][r] = uint32_t(vsm[i]) | (uint32_t(vsm[i + next]) << 16);
+        vzr[mt][r] = uint32_t(vzm[i]) | (uint32_t(vzm[i + next]) << 16);
+        if (bf16 && !fold) {
+          vsc[mt][r] = uint32_t(half_bits_of(uint16_t(vsc[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vsc[mt][r] >> 16), true)) << 16);
+          vzr[mt][r] = uint32_t(half_bits_of(uint16_t(vzr[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vzr[mt][r] >> 16), true)) << 16);
         }
-    }
+      }
     // --- scores: rows = 16 tokens, cols = 8 heads, per mma tile ---
     float s[MT][4];
 #pragma unroll
@@ -536,8 +583,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       if (fold) {
         // sum_t p_t (z_t + s_t c_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t: p_t s_t is rounded to fp16 once (from fp32),
         // the codes go to the mma as they are, and the zeros add up in fp32 (tokens gid and gid + 8 of this lane)
-        const float sa = to_float(uint16_t(vm.vsc[mt][0]), bf16), sb = to_float(uint16_t(vm.vsc[mt][0] >> 16), bf16);
-        const float za = to_float(uint16_t(vm.vzr[mt][0]), bf16), zb = to_float(uint16_t(vm.vzr[mt][0] >> 16), bf16);
+        const float sa = to_float(uint16_t(vsc[mt][0]), bf16), sb = to_float(uint16_t(vsc[mt][0] >> 16), bf16);
+        const float za = to_float(uint16_t(vzr[mt][0]), bf16), zb = to_float(uint16_t(vzr[mt][0] >> 16), bf16);
         zsum_part[0] = fmaf(s[mt][2], zb, fmaf(s[mt][0], za, zsum_part[0]));
         zsum_part[1] = fmaf(s[mt][3], zb, fmaf(s[mt][1], za, zsum_part[1]));
         const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0] * sa, s[mt][1] * sa)));  // tokens 2tig.., head gid
@@ -552,8 +599,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       } else {
         const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
         const uint32_t b1 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][2], s[mt][3])));  // tokens 8+2tig..
-        const __half2 s01 = bits_h2(vm.vsc[mt][0]), z01 = bits_h2(vm.vzr[mt][0]);
-        const __half2 s89 = bits_h2(vm.vsc[mt][1]), z89 = bits_h2(vm.vzr[mt][1]);
+        const __half2 s01 = bits_h2(vsc[mt][0]), z01 = bits_h2(vzr[mt][0]);
+        const __half2 s89 = bits_h2(vsc[mt][1]), z89 = bits_h2(vzr[mt][1]);
 #pragma unroll
         for (int mv = 0; mv < NMV; ++mv) {
           uint32_t lo01, hi01, lo89, hi89;
@@ -566,54 +613,16 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
   };
 
-#if TT_PIPE
-  // Each warp streams its chunks through TT_STAGES shared-memory stages of its own: cp.async moves whole 16-byte units
-  // (no registers held while in flight), TT_STAGES - 1 chunks ahead of the one being computed. Only __syncwarp is
-  // needed: no warp reads another warp's stages.
-  using St = Stage<D, KB, VB>;
-  extern __shared__ __align__(16) uint8_t shared_raw[];
-  uint8_t* stages = shared_raw + warp * (TT_STAGES * St::BYTES);
-  // where this lane's 16-byte units land: unit lane + 32i lands 512i bytes after unit lane (the swizzle reads bits 3-4)
-  const int key_dst = St::KEYS + swizzled_unit<St::KR>(lane) * 16, value_dst = St::VALUES + swizzled_unit<St::VR>(lane) * 16;
-  auto issue = [&](int c, int stage) {  // always commits a group (empty past the end) so the wait counts stay uniform
-    if (c < c_end) {
-      uint8_t* dst = stages + stage * St::BYTES;
-      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES + lane * 16;  // CH * KR bytes per chunk
-      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES) + lane * 16;
-      constexpr int KU = St::VALUES / 16, VU = (St::KSCALE - St::VALUES) / 16;
-#pragma unroll
-      for (int i = 0; i < (KU + 31) / 32; ++i)
-        if (KU % 32 == 0 || lane + 32 * i < KU) cp_async16(dst + key_dst + 512 * i, ksrc + 512 * i);
-#pragma unroll
-      for (int i = 0; i < (VU + 31) / 32; ++i)
-        if (VU % 32 == 0 || lane + 32 * i < VU) cp_async16(dst + value_dst + 512 * i, vsrc + 512 * i);
-      if (c == c_begin || c % CPT == 0) {  // the chunk that starts a key block (or this warp's run) brings its metadata
-        constexpr int SU = D / 8;          // 16-byte units in a row of D 16-bit numbers
-        const int64_t row = int64_t(c / CPT) * D;
-#pragma unroll
-        for (int i = 0; i < (2 * SU + 31) / 32; ++i) {
-          const int u = lane + 32 * i;
-          if (u < 2 * SU) cp_async16(dst + St::KSCALE + u * 16, (u < SU ? ks : kz) + row + (u % SU) * 8);
-        }
-      }
-    }
-    cp_async_commit();
-  };
+
   // this lane's fragment rows in a stage: key row gid, value rows 2tig and 2tig + 1 (the loop adds whole 8-row steps)
   const int key_row0 = St::KEYS + staged_offset<St::KR>(gid, tig * SEGK_B);
   const int value_row0[2] = {St::VALUES + staged_offset<St::VR>(2 * tig, gid * SEGV_B),
                              St::VALUES + staged_offset<St::VR>(2 * tig + 1, gid * SEGV_B)};
-#pragma unroll
-  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);
-  ValueMeta meta_next;
-  if (c_begin < c_end) load_value_meta(meta_next, c_begin * CH);
   int stage = 0;
   for (int c = c_begin; c < c_end; ++c) {
     cp_async_wait<TT_STAGES - 2>();  // this lane's copies of chunk c have landed ...
     __syncwarp();                    // ... and every lane's; all lanes are done reading the stage refilled next
     issue(c + TT_STAGES - 1, stage == 0 ? TT_STAGES - 1 : stage - 1);
-    ValueMeta meta = meta_next;  // the value scales come through registers, one chunk ahead
-    if (c + 1 < c_end) load_value_meta(meta_next, (c + 1) * CH);
     const uint8_t* st = stages + stage * St::BYTES;
     Chunk ch;
 #pragma unroll
@@ -628,36 +637,16 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #if TT_ABLATE == 1  // keep the loads alive, compute nothing
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      sink ^= meta.vsc[mt][0] ^ meta.vzr[mt][0] ^ ch.kw[mt][0].w[0] ^ ch.kw[mt][1].w[0];
+      sink ^= ch.kw[mt][0].w[0] ^ ch.kw[mt][1].w[0] ^ reinterpret_cast<const uint32_t*>(st + St::VSCALE)[lane];
 #pragma unroll
       for (int r = 0; r < 4; ++r) sink ^= ch.vw[mt][r].w[0];
     }
 #else
-    compute_chunk(ch, meta, c, reinterpret_cast<const uint16_t*>(st + St::KSCALE), reinterpret_cast<const uint16_t*>(st + St::KSCALE) + D);
+    compute_chunk(ch, st, c);
 #endif
     stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
   }
   cp_async_wait<0>();
-#elif TT_PREFETCH
-  Chunk buf0, buf1;
-  ValueMeta vm0, vm1;
-  if (c_begin < c_end) { load_chunk(buf0, c_begin * CH); load_value_meta(vm0, c_begin * CH); }
-  for (int c = c_begin; c < c_end; c += 2) {
-    if (c + 1 < c_end) { load_chunk(buf1, (c + 1) * CH); load_value_meta(vm1, (c + 1) * CH); }
-    compute_chunk(buf0, vm0, c, ks + int64_t(c / CPT) * D, kz + int64_t(c / CPT) * D);
-    if (c + 1 >= c_end) break;
-    if (c + 2 < c_end) { load_chunk(buf0, (c + 2) * CH); load_value_meta(vm0, (c + 2) * CH); }
-    compute_chunk(buf1, vm1, c + 1, ks + int64_t((c + 1) / CPT) * D, kz + int64_t((c + 1) / CPT) * D);
-  }
-#else
-  for (int c = c_begin; c < c_end; ++c) {
-    Chunk buf;
-    ValueMeta vm;
-    load_chunk(buf, c * CH);
-    load_value_meta(vm, c * CH);
-    compute_chunk(buf, vm, c, ks + int64_t(c / CPT) * D, kz + int64_t(c / CPT) * D);
-  }
-#endif
 
   if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)
   // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
@@ -671,36 +660,51 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     if (g < GH) {
       const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
       if (gid == 0) { p.ml_part[2 * base] = m_run[e]; p.ml_part[2 * base + 1] = l; }
-      float* o = p.o_part + base * D + gid * SEGV;
+      if (c_begin < c_end) {  // (an empty partial has m = -inf: the combine never reads its output)
+        float* o = p.o_part + base * D + gid * SEGV;
 #pragma unroll
-      for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
-        const float lo = fold ? 1.f / float(1 << value_pos<VB>(mv, false)) : 1.f, hi = fold ? 1.f / float(1 << value_pos<VB>(mv, true)) : 1.f;
-        o[2 * mv] = fmaf(acc[mv][e], lo, zsum[e]); o[2 * mv + 1] = fmaf(acc[mv][e + 2], hi, zsum[e]);
+        for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
+          const float lo = fold ? 1.f / float(1 << value_pos<VB>(mv, false)) : 1.f, hi = fold ? 1.f / float(1 << value_pos<VB>(mv, true)) : 1.f;
+          *reinterpret_cast<float2*>(o + 2 * mv) = make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
+        }
       }
     }
   }
 }
 
-// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head.
+// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head. Block (b*h, d/32):
+// 32 channels of one head; each warp sums every WARPS-th partial, then the warps' sums are added in shared memory.
 __global__ void combine_kernel(const DecodeParams p) {
-  const int bh = blockIdx.x, d = threadIdx.x, Hq = p.Hkv * p.G;
-  const int b = bh / Hq, h = bh % Hq;
+  const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = blockIdx.y * 32 + lane;
+  const int Hq = p.Hkv * p.G, b = bh / Hq, h = bh % Hq;
   const float* ml = p.ml_part + int64_t(bh) * p.parts * 2;
   const float* o = p.o_part + int64_t(bh) * p.parts * p.D;
+  __shared__ float share[3][WARPS][32];
   float M = -INFINITY;
-#pragma unroll 8
-  for (int i = 0; i < p.parts; ++i) M = fmaxf(M, ml[2 * i]);
+  for (int i = threadIdx.x; i < p.parts; i += WARPS * 32) M = fmaxf(M, ml[2 * i]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+  share[0][warp][lane] = M;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share[0][w][lane]);
   float L = 0.f, acc = 0.f;
   if (M != -INFINITY) {
-#pragma unroll 8
-    for (int i = 0; i < p.parts; ++i) {
+#pragma unroll 4
+    for (int i = warp; i < p.parts; i += WARPS) {
       const float mi = ml[2 * i];
-      if (mi == -INFINITY) continue;
+      if (mi == -INFINITY) continue;  // an empty partial (no tokens, or every one masked)
       const float w = exp2f(mi - M);
       L = fmaf(w, ml[2 * i + 1], L);
       acc = fmaf(w, o[int64_t(i) * p.D + d], acc);
     }
   }
+  share[1][warp][lane] = L; share[2][warp][lane] = acc;
+  __syncthreads();
+  if (warp) return;
+  L = 0.f; acc = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) { L += share[1][w][lane]; acc += share[2][w][lane]; }
   const float r = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
   const int64_t o_idx = b * p.out_sb + int64_t(h) * p.out_sh + d;
   if (p.out_f32) static_cast<float*>(p.out)[o_idx] = r;
@@ -727,7 +731,7 @@ KernelRef kernel_ref() {
 }
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.q_splits + p.w_splits, p.Hkv * p.head_groups, p.B);
+  const dim3 grid(p.splits, p.Hkv * p.head_groups, p.B);
   const KernelRef k = kernel_ref<D, KB, VB>();
   quantized_kernel<D, KB, VB><<<grid, WARPS * 32, k.shared, stream>>>(p);
 }
@@ -802,7 +806,7 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  combine_kernel<<<p.B * p.Hkv * p.G, p.D, 0, stream>>>(p);
+  combine_kernel<<<dim3(p.B * p.Hkv * p.G, p.D / 32), WARPS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 #endif  // __CUDACC_RTC__

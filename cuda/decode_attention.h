@@ -9,6 +9,8 @@ typedef unsigned char uint8_t; typedef unsigned short uint16_t; typedef unsigned
 #include <cuda_runtime.h>
 #endif
 
+constexpr int DECODE_WARPS = 4;  // warps per block of the split kernel; each writes its own partials
+
 struct DecodeParams {
   // query [B, Hq, D], model dtype (fp16 or bf16), element strides
   const void* q; int64_t q_sb, q_sh;
@@ -24,8 +26,9 @@ struct DecodeParams {
   const uint8_t* mask; int64_t mask_sb;
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
-  int q_splits, tiles_per_split, w_splits; // split-K over the quantized tiles and the window
-  int parts;                               // partial results per query head: 4 warps * (q_splits + w_splits)
+  int splits, tiles_per_split;             // split-K: blocks per (row, head group), 128-token key blocks per split
+  int window_per_split;                    // window tokens per split
+  int parts;                               // partial results per query head: 2 * DECODE_WARPS * splits
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
   float* o_part; float* ml_part;           // [B, Hq, parts, D] and [B, Hq, parts, 2] (running max, sum)

@@ -85,17 +85,22 @@ def _empty_store(h:CompressedKV):
     groups = 1 if h.value_group_size is None else D // h.value_group_size
     return codes(h.key_bits), scale(D), scale(D), codes(h.value_bits), scale(groups), scale(groups)
 
-# kernel variant macros for every call, e.g. "TT_PIPE=0" (benchmarks compare variants; the defaults are the fastest)
+def _aligned(t):
+    "`t`, or a contiguous copy if a (row, head) of it would not start on 16 bytes (the kernel moves 16-byte units)."
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+    ok = ok and all(t.shape[d] == 1 or t.stride(d) * t.element_size() % 16 == 0 for d in (0, 1))
+    return t if ok else t.contiguous()
+
+# kernel variant macros for every call, e.g. "TT_STAGES=4" (benchmarks compare variants; the defaults are the fastest)
 KERNEL_DEFINES = tuple(os.environ.get("TINY_TURBOQUANT_KERNEL_DEFINES", "").split())
 
 def fused_decode_attention(query, history:CompressedKV, scale=None, mask=None, out_dtype=None, defines=None):
     "Attention `[B, Hq, D]` of one query token `[B, Hq, 1, D]` over `history`; `mask` `[B, >= tokens]` bool, True = attend."
     reason = kernel_supports(history, query)
     if reason: raise ValueError(f"the fused decode kernel cannot take this input: {reason}")
-    h, q = history, query[:, :, 0]
-    if q.stride(-1) != 1 or q.stride(1) % 8 or q.stride(0) % 8 or q.data_ptr() % 16: q = q.contiguous()
+    h, q = history, _aligned(query[:, :, 0])
     store = [h.key_codes, h.key_scale, h.key_zero, h.value_codes, h.value_scale, h.value_zero]
-    if not h.quantized_tokens: store = _empty_store(h)
+    store = [_aligned(t) for t in store] if h.quantized_tokens else _empty_store(h)
     if mask is not None: mask = mask.expand(q.shape[0], -1)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if out_dtype not in (None, query.dtype, torch.float32):
