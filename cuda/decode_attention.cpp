@@ -106,7 +106,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.splits = splits;
   p.tiles_per_split = (ntiles + splits - 1) / splits;
   p.window_per_split = (nw + splits - 1) / splits;
-  p.parts = 2 * DECODE_WARPS * splits;
+  p.parts = splits;  // one partial per block: its warps merge theirs in shared memory
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);

@@ -5,9 +5,9 @@
 // its quarter of the block's 32-token chunks with its own online-softmax state (the main loop has no block barrier),
 // copying them into its own shared-memory stages with cp.async TT_STAGES - 1 chunks ahead of the one it computes
 // (codes, the value scales and zeros, and each key block's scale and zero rows) and reading the mma fragments from
-// there. Each warp writes one partial for its chunks and one for its window tokens (running max m, sum l,
-// unnormalised output o); `combine_kernel` merges them. The host picks the number of splits so that the grid is one
-// whole wave of resident blocks where it can (benchmarks/results/kernel_h200*.json has what each choice measured).
+// there. After the loop each warp attends its share of the window, and the block merges its warps' states (running
+// max m, sum l, unnormalised output o) in shared memory into one partial per split; `combine_kernel` merges those.
+// The host picks the number of splits so that the grid is one whole wave of resident blocks where it can.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
@@ -270,9 +270,11 @@ __device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
 
 // The full-precision window: CUDA cores in fp32, each lane D/32 channels. Split s of the launch takes window tokens
 // [s * window_per_split, (s + 1) * window_per_split), a quarter to each warp, UNROLL tokens at a time so that their
-// loads are in flight together; its partial is number (splits + s) * WARPS + warp.
+// loads are in flight together. Leaves this warp's running max m, sum l and unnormalised output o (channels
+// lane * D/32 ...) per query head of the block.
 template <int D>
-__device__ __forceinline__ void window_part(const DecodeParams& p, const float* qs) {
+__device__ __forceinline__ void window_part(const DecodeParams& p, const float* qs, float (&m)[MAX_HEADS],
+                                            float (&l)[MAX_HEADS], float (&o)[MAX_HEADS][D / 32]) {
   constexpr int PER = D / 32, UNROLL = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
@@ -280,17 +282,12 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, const float* 
   const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
   const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(p.nw, s_lo + p.window_per_split);
   const int t_lo = s_lo + warp * per_warp, t_hi = min(s_hi, t_lo + per_warp);
-  const int64_t head0 = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0) * p.parts + (p.splits + blockIdx.x) * WARPS + warp;
-  if (t_lo >= t_hi) {  // no window tokens for this warp: an empty partial, which the combine skips
-    if (lane < GH) { p.ml_part[2 * (head0 + lane * p.parts)] = -INFINITY; p.ml_part[2 * (head0 + lane * p.parts) + 1] = 0.f; }
-    return;
-  }
   const bool bf16 = p.is_bf16;
   const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
   const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
 
-  float qf[MAX_HEADS][PER], o[MAX_HEADS][PER], m[MAX_HEADS], l[MAX_HEADS];
+  float qf[MAX_HEADS][PER];
 #pragma unroll
   for (int g = 0; g < MAX_HEADS; ++g) {
 #pragma unroll
@@ -334,15 +331,6 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, const float* 
       }
     }
   }
-#pragma unroll
-  for (int g = 0; g < MAX_HEADS; ++g) {
-    if (g < GH) {
-      const int64_t base = head0 + g * p.parts;
-      if (lane == 0) { p.ml_part[2 * base] = m[g]; p.ml_part[2 * base + 1] = l[g]; }
-#pragma unroll
-      for (int i = 0; i < PER; ++i) p.o_part[base * D + lane * PER + i] = o[g][i];
-    }
-  }
 }
 
 // One warp's shared-memory stage: the key codes and value codes of one chunk, the key scale and zero rows of the
@@ -358,7 +346,10 @@ struct Stage {
 };
 template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * 4; }
 template <int D, int KB, int VB>
-__host__ __device__ constexpr int shared_bytes() { return query_bytes<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES; }
+__host__ __device__ constexpr int shared_bytes() {
+  static_assert(TT_STAGES * Stage<D, KB, VB>::BYTES >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
+  return query_bytes<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES;
+}
 
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
@@ -430,8 +421,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   };
 #pragma unroll
   for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);  // the first chunks are on their way while ...
-  stage_query<D>(p, qs);                                          // ... the query is staged (the one block barrier)
-  window_part<D>(p, qs);                                          // ... and this split's window tokens attended
+  stage_query<D>(p, qs);                                          // ... the query is staged
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   uint32_t sink = 0;  // TT_ABLATE == 1 only
@@ -649,26 +639,56 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   cp_async_wait<0>();
 
   if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)
-  // --- this warp's partial: rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig, 2tig+1 ---
+
+  // --- one partial per block: this warp's quantized and window parts, then the 4 warps', merged in shared memory ---
+  __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
+  float* o_sh = reinterpret_cast<float*>(shared_raw + query_bytes<D>());
+  float* ml_sh = o_sh + WARPS * MAX_HEADS * D;
+  float* my_o = o_sh + warp * MAX_HEADS * D;
+  float* my_ml = ml_sh + warp * MAX_HEADS * 2;
   float zsum[2] = {0.f, 0.f};
   if (fold) { zsum[0] = warp_sum_rows(zsum_part[0]); zsum[1] = warp_sum_rows(zsum_part[1]); }
-  const int part = blockIdx.x * WARPS + warp;
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
+  for (int e = 0; e < 2; ++e) {  // rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig + e
     const float l = warp_sum_rows(l_run[e]);
     const int g = 2 * tig + e;
-    if (g < GH) {
-      const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + part;
-      if (gid == 0) { p.ml_part[2 * base] = m_run[e]; p.ml_part[2 * base + 1] = l; }
-      if (c_begin < c_end) {  // (an empty partial has m = -inf: the combine never reads its output)
-        float* o = p.o_part + base * D + gid * SEGV;
+    if (gid == 0) { my_ml[2 * g] = m_run[e]; my_ml[2 * g + 1] = l; }
+    float* o = my_o + g * D + gid * SEGV;
 #pragma unroll
-        for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
-          const float lo = fold ? 1.f / float(1 << value_pos<VB>(mv, false)) : 1.f, hi = fold ? 1.f / float(1 << value_pos<VB>(mv, true)) : 1.f;
-          *reinterpret_cast<float2*>(o + 2 * mv) = make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
-        }
-      }
+    for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
+      const float lo = fold ? 1.f / float(1 << value_pos<VB>(mv, false)) : 1.f, hi = fold ? 1.f / float(1 << value_pos<VB>(mv, true)) : 1.f;
+      *reinterpret_cast<float2*>(o + 2 * mv) = make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
     }
+  }
+  constexpr int PER = D / 32;
+  float wm[MAX_HEADS], wl[MAX_HEADS], wo[MAX_HEADS][PER];
+  window_part<D>(p, qs, wm, wl, wo);  // after the loop: its registers are free now
+  __syncwarp();
+#pragma unroll
+  for (int g = 0; g < MAX_HEADS; ++g) {  // add the window part into this warp's slice (lane: channels lane * PER ...)
+    const float mq = my_ml[2 * g], M = fmaxf(mq, wm[g]);
+    const float aq = mq == -INFINITY ? 0.f : exp2f(mq - M), aw = wm[g] == -INFINITY ? 0.f : exp2f(wm[g] - M);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) my_o[g * D + lane * PER + i] = my_o[g * D + lane * PER + i] * aq + wo[g][i] * aw;
+    __syncwarp();
+    if (lane == 0) { my_ml[2 * g] = M; my_ml[2 * g + 1] = my_ml[2 * g + 1] * aq + wl[g] * aw; }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < GH * D; i += WARPS * 32) {  // the block's partial: channel d of head g
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, ml_sh[w * MAX_HEADS * 2 + 2 * g]);
+    float L = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float mw = ml_sh[w * MAX_HEADS * 2 + 2 * g], a = mw == -INFINITY ? 0.f : exp2f(mw - M);
+      L = fmaf(a, ml_sh[w * MAX_HEADS * 2 + 2 * g + 1], L);
+      o = fmaf(a, o_sh[(w * MAX_HEADS + g) * D + d], o);
+    }
+    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + blockIdx.x;
+    p.o_part[base * D + d] = o;
+    if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
 }
 
@@ -689,15 +709,13 @@ __global__ void combine_kernel(const DecodeParams p) {
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share[0][w][lane]);
   float L = 0.f, acc = 0.f;
-  if (M != -INFINITY) {
 #pragma unroll 4
-    for (int i = warp; i < p.parts; i += WARPS) {
-      const float mi = ml[2 * i];
-      if (mi == -INFINITY) continue;  // an empty partial (no tokens, or every one masked)
-      const float w = exp2f(mi - M);
-      L = fmaf(w, ml[2 * i + 1], L);
-      acc = fmaf(w, o[int64_t(i) * p.D + d], acc);
-    }
+  for (int i = warp; i < p.parts; i += WARPS) {  // loads first, then a select: no branch between a load and its use
+    const float mi = ml[2 * i], li = ml[2 * i + 1], oi = o[int64_t(i) * p.D + d];
+    const bool empty = mi == -INFINITY;  // no tokens (or every one masked): its o was never written
+    const float w = empty ? 0.f : exp2f(mi - M);
+    L = fmaf(w, empty ? 0.f : li, L);
+    acc = fmaf(w, empty ? 0.f : oi, acc);
   }
   share[1][warp][lane] = L; share[2][warp][lane] = acc;
   __syncthreads();
