@@ -20,12 +20,24 @@ void check_layout(const at::Tensor& t, const char* name, int64_t dim, const at::
                 name, " strides must be multiples of 16 bytes");
 }
 
+// `t`, or a contiguous copy if one of its (row, head) slices would not start on 16 bytes (the kernels move 16-byte
+// units); the cache's own tensors always do, so a decode step copies nothing
+at::Tensor aligned(const at::Tensor& t) {
+  if (t.numel() == 0) return t;
+  const int64_t esize = t.element_size();
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d < 2 && d + 1 < t.dim(); ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * esize) % 16 == 0);
+  return ok ? t : t.contiguous();
+}
+
 }  // namespace
 
 at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_scale, at::Tensor key_zero,
                             at::Tensor value_codes, at::Tensor value_scale, at::Tensor value_zero,
                             at::Tensor window_keys, at::Tensor window_values, c10::optional<at::Tensor> mask,
                             int64_t key_bits, int64_t value_bits, double scale, bool float_output) {
+  q = aligned(q); key_codes = aligned(key_codes); key_scale = aligned(key_scale); key_zero = aligned(key_zero);
+  value_codes = aligned(value_codes); value_scale = aligned(value_scale); value_zero = aligned(value_zero);
   const at::Device dev = q.device();
   TORCH_CHECK(dev.is_cuda(), "decode_attention needs CUDA tensors, got ", dev);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "query must be float16 or bfloat16, got ", q.scalar_type());

@@ -29,9 +29,9 @@ namespace {
 #define TT_STAGES 3    // shared-memory stages per warp: TT_STAGES - 1 chunks in flight while one is computed
 #endif
 #ifndef TT_FOLD
-#define TT_FOLD 0      // 1: fold the per-token value scale into the probabilities (one value group only): the value codes
-#endif                 //    go to the mma with one subtraction and no scale, the zeros add up in fp32 on the side
-                       //    (with TT_KEY_INPLACE 23% fewer loop instructions, same time and error: off)
+#define TT_FOLD 1      // 1: fold the per-token value scale into the probabilities (one value group, 4- or 2-bit values):
+#endif                 //    the value codes go to the mma with one subtraction and no scale, the zeros add up in fp32 on
+                       //    the side (with TT_KEY_INPLACE: 3-9% faster at 4 bits, same error; 3-bit values don't fold)
 #ifndef TT_KEY_NOSUB
 #define TT_KEY_NOSUB 0    // 1: the key codes go to the mma as 1024 + code (no subtraction); the bias takes out 1024 * sum(q)
 #endif                    //    (a score is then a small difference of fp32 sums of about 1024 |q|; measured: up to 2.1x the
@@ -40,7 +40,7 @@ namespace {
 #define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
 #endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only
 #ifndef TT_KEY_INPLACE
-#define TT_KEY_INPLACE 0  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
+#define TT_KEY_INPLACE 1  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
 #endif                    //    and the query absorbs their place value
 #ifndef TT_MT
 #define TT_MT 2        // 16-token mma tiles per chunk (4: 64-token chunks, measured 9-27% slower)
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const uint16_t* vz = static_cast<const uint16_t*>(p.vz) + b * p.vm_sb + hkv * p.vm_sh;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
   const int vgroups = p.vgroups, vgroup = (gid * SEGV) / (D / vgroups);  // the host checks a lane's slice is in one group
-  const bool fold = TT_FOLD && vgroups == 1;  // value scale folded into the probabilities
+  const bool fold = TT_FOLD && VB != 3 && vgroups == 1;  // value scale folded into the probabilities
 
   // Each warp streams its chunks through TT_STAGES shared-memory stages of its own: cp.async moves whole 16-byte units
   // (no registers held while in flight), TT_STAGES - 1 chunks ahead of the one being computed. Only __syncwarp is

@@ -85,12 +85,6 @@ def _empty_store(h:CompressedKV):
     groups = 1 if h.value_group_size is None else D // h.value_group_size
     return codes(h.key_bits), scale(D), scale(D), codes(h.value_bits), scale(groups), scale(groups)
 
-def _aligned(t):
-    "`t`, or a contiguous copy if a (row, head) of it would not start on 16 bytes (the kernel moves 16-byte units)."
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-    ok = ok and all(t.shape[d] == 1 or t.stride(d) * t.element_size() % 16 == 0 for d in (0, 1))
-    return t if ok else t.contiguous()
-
 # kernel variant macros for every call, e.g. "TT_STAGES=4" (benchmarks compare variants; the defaults are the fastest)
 KERNEL_DEFINES = tuple(os.environ.get("TINY_TURBOQUANT_KERNEL_DEFINES", "").split())
 
@@ -98,16 +92,19 @@ def fused_decode_attention(query, history:CompressedKV, scale=None, mask=None, o
     "Attention `[B, Hq, D]` of one query token `[B, Hq, 1, D]` over `history`; `mask` `[B, >= tokens]` bool, True = attend."
     reason = kernel_supports(history, query)
     if reason: raise ValueError(f"the fused decode kernel cannot take this input: {reason}")
-    h, q = history, _aligned(query[:, :, 0])
-    store = [h.key_codes, h.key_scale, h.key_zero, h.value_codes, h.value_scale, h.value_zero]
-    store = [_aligned(t) for t in store] if h.quantized_tokens else _empty_store(h)
-    if mask is not None: mask = mask.expand(q.shape[0], -1)
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
     if out_dtype not in (None, query.dtype, torch.float32):
         raise ValueError(f"out_dtype must be None (the query's dtype) or torch.float32, got {out_dtype}")
+    return _launch(query, history, scale, mask, out_dtype == torch.float32, defines)
+
+def _launch(query, h:CompressedKV, scale, mask, float_output=False, defines=None):
+    "`fused_decode_attention` without the checks (a decode step calls it once per layer: every microsecond counts)."
+    store = (h.key_codes, h.key_scale, h.key_zero, h.value_codes, h.value_scale, h.value_zero) if h.quantized_tokens else _empty_store(h)
+    if mask is not None: mask = mask.expand(query.shape[0], -1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     kernel = build_kernel(defines=KERNEL_DEFINES if defines is None else defines)
-    return kernel.decode_attention(q, *store, h.window_keys, h.window_values, mask, h.key_bits, h.value_bits,
-                                   float(scale), out_dtype == torch.float32)
+    # (the binding copies a tensor whose (row, head) starts are not 16-byte aligned; the cache's never are)
+    return kernel.decode_attention(query[:, :, 0], *store, h.window_keys, h.window_values, mask, h.key_bits,
+                                   h.value_bits, float(scale), float_output)
 
 # %% ../nbs/08_cuda.ipynb #4a84f528
 def exact_history(h:CompressedKV):
@@ -135,6 +132,8 @@ def reference_decode_attention(query, history:CompressedKV, scale=None, mask=Non
     return (s.softmax(-1) @ v).reshape(B, Hq, D)
 
 # %% ../nbs/08_cuda.ipynb #d2fc7f97
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 ATTENTION_NAME = "tiny_turboquant"
 
 def _key_mask(attention_mask, tokens):
@@ -145,7 +144,6 @@ def _key_mask(attention_mask, tokens):
 
 def tiny_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     "transformers attention function: the fused kernel on decode steps of a `TinyKVCache` layer, SDPA otherwise."
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     history = getattr(key, "tiny_history", None)
     if history is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -153,7 +151,7 @@ def tiny_attention(module, query, key, value, attention_mask, scaling=None, drop
         mask = _key_mask(attention_mask, history.tokens)
         extras = any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "s_aux", "position_bias"))
         if mask is not NotImplemented and not extras and not dropout and kernel_supports(history, query) is None:
-            return fused_decode_attention(query, history, scaling, mask).unsqueeze(1), None
+            return _launch(query, history, scaling, mask).unsqueeze(1), None
         k, v = history.dequantized()
         return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     finally:

@@ -1,7 +1,7 @@
 """Count the instructions of the fused decode kernel's main loop, on a machine without a GPU.
 
     python tools/sass_count.py                                 # head_dim 128, K4/V4, the default build
-    python tools/sass_count.py --bits 4/2 -D TT_FOLD=1 -D TT_KEY_INPLACE=1
+    python tools/sass_count.py --bits 4/2 -D TT_FOLD=0 -D TT_KEY_INPLACE=0
     python tools/sass_count.py --dump /tmp/loop.sass           # also write the loop's steady-state road
 
 Compiles the kernels of cuda/decode_attention.cu for sm_90 (H100/H200) with NVRTC, disassembles the cubin with
@@ -60,9 +60,9 @@ def kernel_source(one_value_group=True):
     src = (ROOT / "cuda" / "decode_attention.cu").read_text()
     src = src.replace('#include "decode_attention.h"', (ROOT / "cuda" / "decode_attention.h").read_text())
     if one_value_group:
-        choice = "TT_FOLD && vgroups == 1"
+        choice = "TT_FOLD && VB != 3 && vgroups == 1"
         if choice not in src: raise RuntimeError(f"cuda/decode_attention.cu no longer holds `{choice}`: update sass_count.py")
-        src = src.replace(choice, "TT_FOLD")
+        src = src.replace(choice, "TT_FOLD && VB != 3")
     return src
 
 
