@@ -118,6 +118,7 @@ def main():
     cuobjdump = next(nvidia.glob("*/bin/cuobjdump"))
     sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     quantized = sass[sass.index("quantized_kernel"):] if "quantized_kernel" in sass else sass
+    if "Function :" in quantized: quantized = quantized[:quantized.index("Function :")]  # this kernel only (addresses restart)
     mine = log[log.index("quantized_kernel"):]  # ptxas reports each kernel after its name
     regs = int(re.search(r"Used (\d+) registers", mine).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", mine).group(1))
