@@ -27,7 +27,7 @@ at::Tensor aligned(const at::Tensor& t) {
   const int64_t esize = t.element_size();
   bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d < 2 && d + 1 < t.dim(); ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * esize) % 16 == 0);
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // (contiguous() would hand back a contiguous misaligned t)
 }
 
 }  // namespace

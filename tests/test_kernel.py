@@ -94,6 +94,24 @@ def test_unsupported_inputs_say_why():
         fused_decode_attention(q, h)
 
 
+def misaligned(t):
+    "A copy of `t` whose data starts 2 bytes past a 16-byte boundary (the binding must copy it before the kernel reads it)."
+    flat = torch.empty(t.numel() * t.element_size() + 16, dtype=torch.uint8, device=t.device)
+    out = flat[2:2 + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 == 2
+    return out
+
+
+def test_misaligned_inputs_give_the_same_result():
+    h = make_history(2, 2, 128, 1000, 4, 4, None, torch.float16)
+    q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.float16)
+    want = fused_decode_attention(q, h)
+    for name in ("key_codes", "key_scale", "value_scale", "value_zero"):
+        setattr(h, name, misaligned(getattr(h, name)))
+    torch.testing.assert_close(fused_decode_attention(misaligned(q), h), want, rtol=0, atol=0)
+
+
 def test_generation_matches_pytorch_path():
     "Greedy decoding through the kernel gives the PyTorch path's tokens; logits agree to fp16 noise."
     from transformers import LlamaConfig, LlamaForCausalLM
