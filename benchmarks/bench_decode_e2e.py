@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_e2e_h200.json"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--contexts", default="16384,65536")
-    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PREFETCH=1")
+    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_STAGES=4")
     args = ap.parse_args()
     kernel.KERNEL_DEFINES = tuple(args.define)
     build_kernel(defines=args.define)

@@ -10,7 +10,7 @@ eager call, host included). In the same run: the device-to-device copy bandwidth
 + SDPA (what a quantized cache without a kernel does each step, timed eagerly), and, where quanto is installed,
 transformers' QuantizedCache (quanto int4: append one token, attend; on the rows that time dequantize + SDPA). Each time is the median of `--reps` calls timed with CUDA events after warm-up.
 
-    python benchmarks/bench_kernel.py --variant old=TT_PIPE=0 --variant s4=TT_STAGES=4
+    python benchmarks/bench_kernel.py --variant old=TT_KEY_INPLACE=0,TT_FOLD=0 --variant s4=TT_STAGES=4
     python benchmarks/bench_kernel.py --batches 8 --contexts 16384,65536 --bits 4/4   # a subset
 
 also times other builds of the kernel (comma-separated macros) on the same data in the same run, with their error
@@ -179,9 +179,9 @@ def main():
     ap.add_argument("--batches", default=None, help="only these batch sizes, e.g. 1,8")
     ap.add_argument("--contexts", default=None, help="only these contexts, e.g. 16384,65536")
     ap.add_argument("--bits", default=None, help="only these key/value bits, e.g. 4/4,4/2")
-    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PIPE=0")
+    ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_STAGES=4")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
-                    help="also time this build on the same data, e.g. old=TT_PIPE=0 or mt4=TT_MT=4,TT_STAGES=2")
+                    help="also time this build on the same data, e.g. old=TT_KEY_INPLACE=0,TT_FOLD=0 or mt4=TT_MT=4,TT_STAGES=2")
     args = ap.parse_args()
     variants = [(v.split("=", 1)[0], tuple(d for d in v.split("=", 1)[1].split(",") if d)) for v in args.variant]
     build_kernel(defines=args.define)

@@ -12,7 +12,7 @@ ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--context", type=int, default=65536)
 ap.add_argument("--bits", default="4/4")
-ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_PIPE=0")
+ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_STAGES=4")
 ap.add_argument("--reps", type=int, default=3)
 args = ap.parse_args()
 Hq, Hkv, D = SHAPES[args.shape]
