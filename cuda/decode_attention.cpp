@@ -70,9 +70,6 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     vgroups = value_scale.size(3);
     TORCH_CHECK(value_scale.size(2) == nq && value_scale.stride(2) == vgroups && value_zero.sizes() == value_scale.sizes() &&
                 value_zero.strides() == value_scale.strides(), "value scale/zero shape mismatch");
-    for (auto* t : {&key_scale, &key_zero, &value_scale, &value_zero})  // the kernel copies them in 16-byte units
-      TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && (t->size(0) == 1 || t->stride(0) % 8 == 0) &&
-                  (t->size(1) == 1 || t->stride(1) % 8 == 0), "scales and zeros must start 16-byte aligned for every (row, head)");
     TORCH_CHECK(D % vgroups == 0 && (vgroups == 1 || (D / vgroups) % (D / 8) == 0),
                 "value groups must span at least head_dim/8 channels, got ", vgroups, " groups of ", D);
   }
@@ -118,11 +115,11 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.splits = splits;
   p.tiles_per_split = (ntiles + splits - 1) / splits;
   p.window_per_split = (nw + splits - 1) / splits;
-  p.parts = splits;  // one partial per block: its warps merge theirs in shared memory
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor o_part = at::empty({B, Hq, p.parts, D}, f32), ml_part = at::empty({B, Hq, p.parts, 2}, f32);
+  // one partial per block: its warps and its share of the window are merged in shared memory first
+  at::Tensor o_part = at::empty({B, Hq, p.splits, D}, f32), ml_part = at::empty({B, Hq, p.splits, 2}, f32);
   at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
   p.out_f32 = float_output;
   p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();

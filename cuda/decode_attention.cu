@@ -51,7 +51,7 @@ namespace {
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
-constexpr int WARPS = DECODE_WARPS;
+constexpr int WARPS = 4;         // warps per block of the split kernel
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
 constexpr int MAX_VALUE_GROUPS = 8;  // value groups span at least head_dim / 8 channels (one lane's slice)
@@ -133,8 +133,6 @@ __device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<
     for (int i = 0; i < NB; ++i) out.w[i / 4] |= uint32_t(load<GLOBAL>(p + i)) << (8 * (i % 4));
   }
 }
-template <int NB>  // the same from a shared-memory stage
-__device__ __forceinline__ void load_words_shared(const uint8_t* p, Words<NB>& out) { load_words<NB, false>(p, out); }
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
@@ -239,9 +237,11 @@ __device__ __forceinline__ uint32_t minus1024(uint32_t magic_code) {  // (1024 +
   return h2_bits(__hsub2(bits_h2(magic_code), __float2half2_rn(1024.f)));
 }
 __device__ __forceinline__ uint32_t dequant2(uint32_t magic_code, __half2 scale, __half2 zero) {
-  const __half2 code = __hsub2(bits_h2(magic_code), __float2half2_rn(1024.f));  // exact
-  return h2_bits(__hfma2(code, scale, zero));                                   // one rounding
+  return h2_bits(__hfma2(bits_h2(minus1024(magic_code)), scale, zero));  // one rounding
 }
+
+// The weight 2^(m - M) of a state with running max m in a merge whose max is M; an empty state (m = -inf) weighs 0.
+__device__ __forceinline__ float merge_weight(float m, float M) { return m == -INFINITY ? 0.f : exp2f(m - M); }
 
 __device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes sharing tig (the token rows)
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
@@ -619,10 +619,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     for (int mt = 0; mt < MT; ++mt) {  // rows 8 apart are 8 rows' bytes apart, swizzled or not (staged_offset)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        load_words_shared<SEGK_B>(st + key_row0 + (16 * mt + 8 * r) * St::KR, ch.kw[mt][r]);
+        load_words<SEGK_B, false>(st + key_row0 + (16 * mt + 8 * r) * St::KR, ch.kw[mt][r]);
 #pragma unroll
       for (int r = 0; r < 4; ++r)
-        load_words_shared<SEGV_B>(st + value_row0[r & 1] + (16 * mt + 8 * (r >> 1)) * St::VR, ch.vw[mt][r]);
+        load_words<SEGV_B, false>(st + value_row0[r & 1] + (16 * mt + 8 * (r >> 1)) * St::VR, ch.vw[mt][r]);
     }
 #if TT_ABLATE == 1  // keep the loads alive, compute nothing
 #pragma unroll
@@ -667,7 +667,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
   for (int g = 0; g < MAX_HEADS; ++g) {  // add the window part into this warp's slice (lane: channels lane * PER ...)
     const float mq = my_ml[2 * g], M = fmaxf(mq, wm[g]);
-    const float aq = mq == -INFINITY ? 0.f : exp2f(mq - M), aw = wm[g] == -INFINITY ? 0.f : exp2f(wm[g] - M);
+    const float aq = merge_weight(mq, M), aw = merge_weight(wm[g], M);
 #pragma unroll
     for (int i = 0; i < PER; ++i) my_o[g * D + lane * PER + i] = my_o[g * D + lane * PER + i] * aq + wo[g][i] * aw;
     __syncwarp();
@@ -682,11 +682,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     float L = 0.f, o = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      const float mw = ml_sh[w * MAX_HEADS * 2 + 2 * g], a = mw == -INFINITY ? 0.f : exp2f(mw - M);
+      const float a = merge_weight(ml_sh[w * MAX_HEADS * 2 + 2 * g], M);
       L = fmaf(a, ml_sh[w * MAX_HEADS * 2 + 2 * g + 1], L);
       o = fmaf(a, o_sh[(w * MAX_HEADS + g) * D + d], o);
     }
-    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.parts + blockIdx.x;
+    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x;
     p.o_part[base * D + d] = o;
     if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
@@ -697,11 +697,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 __global__ void combine_kernel(const DecodeParams p) {
   const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = blockIdx.y * 32 + lane;
   const int Hq = p.Hkv * p.G, b = bh / Hq, h = bh % Hq;
-  const float* ml = p.ml_part + int64_t(bh) * p.parts * 2;
-  const float* o = p.o_part + int64_t(bh) * p.parts * p.D;
+  const float* ml = p.ml_part + int64_t(bh) * p.splits * 2;
+  const float* o = p.o_part + int64_t(bh) * p.splits * p.D;
   __shared__ float share[3][WARPS][32];
   float M = -INFINITY;
-  for (int i = threadIdx.x; i < p.parts; i += WARPS * 32) M = fmaxf(M, ml[2 * i]);
+  for (int i = threadIdx.x; i < p.splits; i += WARPS * 32) M = fmaxf(M, ml[2 * i]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
   share[0][warp][lane] = M;
@@ -710,10 +710,10 @@ __global__ void combine_kernel(const DecodeParams p) {
   for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share[0][w][lane]);
   float L = 0.f, acc = 0.f;
 #pragma unroll 4
-  for (int i = warp; i < p.parts; i += WARPS) {  // loads first, then a select: no branch between a load and its use
+  for (int i = warp; i < p.splits; i += WARPS) {  // loads first, then a select: no branch between a load and its use
     const float mi = ml[2 * i], li = ml[2 * i + 1], oi = o[int64_t(i) * p.D + d];
     const bool empty = mi == -INFINITY;  // no tokens (or every one masked): its o was never written
-    const float w = empty ? 0.f : exp2f(mi - M);
+    const float w = merge_weight(mi, M);
     L = fmaf(w, empty ? 0.f : li, L);
     acc = fmaf(w, empty ? 0.f : oi, acc);
   }

@@ -9,8 +9,6 @@ typedef unsigned char uint8_t; typedef unsigned short uint16_t; typedef unsigned
 #include <cuda_runtime.h>
 #endif
 
-constexpr int DECODE_WARPS = 4;  // warps per block of the split kernel
-
 struct DecodeParams {
   // query [B, Hq, D], model dtype (fp16 or bf16), element strides
   const void* q; int64_t q_sb, q_sh;
@@ -28,10 +26,9 @@ struct DecodeParams {
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
   int splits, tiles_per_split;             // split-K: blocks per (row, head group), 128-token key blocks per split
   int window_per_split;                    // window tokens per split
-  int parts;                               // partial results per query head: one per split
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
-  float* o_part; float* ml_part;           // [B, Hq, parts, D] and [B, Hq, parts, 2] (running max, sum)
+  float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum)
   void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype (float32 when out_f32)
   int out_f32;
 };
