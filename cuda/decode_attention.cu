@@ -32,10 +32,9 @@ namespace {
 #define TT_FOLD 1      // 1: fold the per-token value scale into the probabilities (one value group, 4- or 2-bit values):
 #endif                 //    the value codes go to the mma with one subtraction and no scale, the zeros add up in fp32 on
                        //    the side (with TT_KEY_INPLACE: up to 12% faster at 4 bits, same error; 3-bit values do not fold)
-#ifndef TT_KEY_NOSUB
-#define TT_KEY_NOSUB 0    // 1: the key codes go to the mma as 1024 + code (no subtraction); the bias takes out 1024 * sum(q)
-#endif                    //    (a score is then a small difference of fp32 sums of about 1024 |q|; measured: up to 2.1x the
-                          //    error (2.4e-4 vs 1.1e-4 with peaked attention), same time: off)
+#ifndef TT_SUBNORMAL
+#define TT_SUBNORMAL 1  // 1: the codes go to the mma as fp16 subnormals (code * 2^-24, exact: the mask alone makes them),
+#endif                  //    not as 1024 + code less 1024 (one HADD2 per code pair fewer); 0: the 1024 + code road
 #ifndef TT_ABLATE
 #define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
 #endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only
@@ -51,11 +50,16 @@ namespace {
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
+
 constexpr int WARPS = 4;         // warps per block of the split kernel
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
 constexpr int MAX_VALUE_GROUPS = 8;  // value groups span at least head_dim / 8 channels (one lane's slice)
 constexpr uint32_t MAGIC = 0x64006400u;  // fp16 1024 in both halves: (MAGIC | c) is the half 1024 + c for c < 1024
+// What the mma operands of codes carry: with TT_SUBNORMAL the bare bits of c < 1024 are the fp16 subnormal c * 2^-24
+// (exact, and tensor cores keep fp16 subnormals), so a product is 2^-24 times too small and CODE_UNIT puts it back.
+constexpr uint32_t CODE_BIAS = TT_SUBNORMAL ? 0u : MAGIC;
+constexpr float CODE_UNIT = TT_SUBNORMAL ? 16777216.f : 1.f;
 
 __device__ __forceinline__ float to_float(uint16_t bits, bool bf16) {  // both conversions, then a select: no branch
   const float from_bf16 = __uint_as_float(uint32_t(bits) << 16), from_half = __half2float(__ushort_as_half(bits));
@@ -191,31 +195,33 @@ template <int BITS>
 __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
   if constexpr (key_inplace<BITS>()) {
     const uint32_t mask = (((1u << BITS) - 1) * 0x00010001u) << key_pos<BITS>(i);
-    return mask_magic(w[i / (16 / BITS)] >> key_shift<BITS>(i), mask, MAGIC);
+    return mask_magic(w[i / (16 / BITS)] >> key_shift<BITS>(i), mask, CODE_BIAS);
   }
-  if (BITS == 4) return mask_magic(w[i >> 2] >> (4 * (i & 3)), 0x000F000Fu, MAGIC);
-  if (BITS == 2) return mask_magic(w[i >> 3] >> (2 * (i & 7)), 0x00030003u, MAGIC);
-  return code_at<BITS>(w, 2 * i) | (code_at<BITS>(w, 2 * i + 1) << 16) | MAGIC;
+  if (BITS == 4) return mask_magic(w[i >> 2] >> (4 * (i & 3)), 0x000F000Fu, CODE_BIAS);
+  if (BITS == 2) return mask_magic(w[i >> 3] >> (2 * (i & 7)), 0x00030003u, CODE_BIAS);
+  return code_at<BITS>(w, 2 * i) | (code_at<BITS>(w, 2 * i + 1) << 16) | CODE_BIAS;
 }
 
 // Values: channels (2mv, 2mv+1) of two tokens a, b -> lo = (a[2mv], b[2mv]), hi = (a[2mv+1], b[2mv+1]) as 1024 + code.
 template <int BITS>
-__device__ __forceinline__ void value_pairs(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi) {
+__device__ __forceinline__ void value_pairs(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi,
+                                            uint32_t bias = MAGIC) {
   if (BITS == 4) {  // both channels in byte mv
     const int word = mv >> 2, k = mv & 3;
     const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));  // a.byte k -> byte 0, b.byte k -> byte 2
-    lo = mask_magic(x, 0x000F000Fu, MAGIC); hi = mask_magic(x >> 4, 0x000F000Fu, MAGIC);
+    lo = mask_magic(x, 0x000F000Fu, bias); hi = mask_magic(x >> 4, 0x000F000Fu, bias);
   } else if (BITS == 2) {  // both channels in one nibble of byte mv/2
     const int word = mv >> 3, k = (mv >> 1) & 3, s = (mv & 1) * 4;
     const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
-    lo = mask_magic(x >> s, 0x00030003u, MAGIC); hi = mask_magic(x >> (s + 2), 0x00030003u, MAGIC);
+    lo = mask_magic(x >> s, 0x00030003u, bias); hi = mask_magic(x >> (s + 2), 0x00030003u, bias);
   } else {
-    lo = code_at<BITS>(wa, 2 * mv) | (code_at<BITS>(wb, 2 * mv) << 16) | MAGIC;
-    hi = code_at<BITS>(wa, 2 * mv + 1) | (code_at<BITS>(wb, 2 * mv + 1) << 16) | MAGIC;
+    lo = code_at<BITS>(wa, 2 * mv) | (code_at<BITS>(wb, 2 * mv) << 16) | bias;
+    hi = code_at<BITS>(wa, 2 * mv + 1) | (code_at<BITS>(wb, 2 * mv + 1) << 16) | bias;
   }
 }
-// The same, for the folded path (TT_FOLD): the codes are masked where they lie, so a half is 1024 + 2^value_pos * code
-// (value_pos of the lo or hi channel of tile mv); the output rows are divided by 2^value_pos at the end.
+// The same, for the folded path (TT_FOLD): the codes are masked where they lie, so a half is 2^value_pos * code (value_pos
+// of the lo or hi channel of tile mv), as a subnormal or plus 1024 (CODE_BIAS); the output rows are divided by
+// 2^value_pos at the end.
 template <int BITS>
 __host__ __device__ constexpr int value_pos(int mv, bool hi) {
   return BITS == 4 ? (hi ? 4 : 0) : BITS == 2 ? (mv & 1) * 4 + (hi ? 2 : 0) : 0;
@@ -227,14 +233,17 @@ __device__ __forceinline__ void value_pairs_inplace(const uint32_t* wa, const ui
     const int byte = (2 * mv) / PER_BYTE, word = byte >> 2, k = byte & 3;
     const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
     constexpr uint32_t field = ((1u << BITS) - 1) * 0x00010001u;
-    lo = mask_magic(x, field << value_pos<BITS>(mv, false), MAGIC);
-    hi = mask_magic(x, field << value_pos<BITS>(mv, true), MAGIC);
+    lo = mask_magic(x, field << value_pos<BITS>(mv, false), CODE_BIAS);
+    hi = mask_magic(x, field << value_pos<BITS>(mv, true), CODE_BIAS);
   } else {
-    value_pairs<BITS>(wa, wb, mv, lo, hi);
+    value_pairs<BITS>(wa, wb, mv, lo, hi, CODE_BIAS);
   }
 }
 __device__ __forceinline__ uint32_t minus1024(uint32_t magic_code) {  // (1024 + x) - 1024 = x, exact
   return h2_bits(__hsub2(bits_h2(magic_code), __float2half2_rn(1024.f)));
+}
+__device__ __forceinline__ uint32_t code_half2(uint32_t c) {  // two codes with CODE_BIAS -> their fp16 numbers (/ CODE_UNIT)
+  return TT_SUBNORMAL ? c : minus1024(c);
 }
 __device__ __forceinline__ uint32_t dequant2(uint32_t magic_code, __half2 scale, __half2 zero) {
   return h2_bits(__hfma2(bits_h2(minus1024(magic_code)), scale, zero));  // one rounding
@@ -261,9 +270,16 @@ __device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0) * p.q_sh;
-  for (int i = threadIdx.x; i < MAX_HEADS * D; i += WARPS * 32) {
-    const int g = i / D;
-    qs[i] = g < GH ? to_float(q[g * p.q_sh + i % D], p.is_bf16) * p.scale_log2 : 0.f;
+  constexpr int UNITS = MAX_HEADS * D / 8;  // 8 numbers (16 bytes) each: one load per thread at head_dim 128
+  for (int u = threadIdx.x; u < UNITS; u += WARPS * 32) {
+    const int g = u / (D / 8), d0 = (u % (D / 8)) * 8;
+    const uint4 v = g < GH ? __ldg(reinterpret_cast<const uint4*>(q + g * p.q_sh + d0)) : make_uint4(0, 0, 0, 0);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    float f[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = to_float(uint16_t(w[e / 2] >> (16 * (e % 2))), p.is_bf16) * p.scale_log2;
+    float4* dst = reinterpret_cast<float4*>(qs + g * D + d0);
+    dst[0] = make_float4(f[0], f[1], f[2], f[3]); dst[1] = make_float4(f[4], f[5], f[6], f[7]);
   }
   __syncthreads();
 }
@@ -453,7 +469,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       cur_tile = tile;
       const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(st + St::KSCALE), *key_zero_row = key_scale_row + D;
       const float* qg = qs + gid * D;  // this lane's head (a zero row past the block's heads)
-      float bias_part = 0.f, query_sum = 0.f;
+      float bias_part = 0.f;
 #pragma unroll
       for (int j = 0; j < SEGK / 16; ++j) {
         const int ch0 = tig * SEGK + 16 * j;
@@ -487,11 +503,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           const __half2 hi = __floats2half2_rn(v0, v1);
           const __half2 lo = __floats2half2_rn(v0 - __low2float(hi), v1 - __high2float(hi));
           qh[i] = h2_bits(hi); ql[i] = h2_bits(lo);
-          if (TT_KEY_NOSUB)  // the exact sum of what the mma multiplies by 1024 (+ code), taken out of the bias
-            query_sum += (__low2float(hi) + __high2float(hi)) + (__low2float(lo) + __high2float(lo));
         }
       }
-      if (TT_KEY_NOSUB) bias_part -= query_sum * (1024.f / KEY_GAIN);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 2);
       bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
@@ -524,12 +537,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       for (int kk = 0; kk < (TT_ABLATE == 3 ? 0 : D / 16); ++kk) {
         const uint32_t a0 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk), a1 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk);
         const uint32_t a2 = key_pair<KB>(ch.kw[mt][0].w, 2 * kk + 1), a3 = key_pair<KB>(ch.kw[mt][1].w, 2 * kk + 1);
-        const uint32_t c0 = TT_KEY_NOSUB ? a0 : minus1024(a0), c1 = TT_KEY_NOSUB ? a1 : minus1024(a1);
-        const uint32_t c2 = TT_KEY_NOSUB ? a2 : minus1024(a2), c3 = TT_KEY_NOSUB ? a3 : minus1024(a3);
+        const uint32_t c0 = code_half2(a0), c1 = code_half2(a1), c2 = code_half2(a2), c3 = code_half2(a3);
         mma16816(cc, c0, c1, c2, c3, qh[2 * kk], qh[2 * kk + 1]);
         mma16816(cl, c0, c1, c2, c3, ql[2 * kk], ql[2 * kk + 1]);
       }
-      constexpr float ungain = 1.f / KEY_GAIN;
+      constexpr float ungain = CODE_UNIT / KEY_GAIN;
       s[mt][0] = fmaf(cc[0] + cl[0], ungain, bias[0]); s[mt][1] = fmaf(cc[1] + cl[1], ungain, bias[1]);
       s[mt][2] = fmaf(cc[2] + cl[2], ungain, bias[0]); s[mt][3] = fmaf(cc[3] + cl[3], ungain, bias[1]);
       if (mask) {
@@ -584,7 +596,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           uint32_t lo01, hi01, lo89, hi89;
           value_pairs_inplace<VB>(ch.vw[mt][0].w, ch.vw[mt][1].w, mv, lo01, hi01);
           value_pairs_inplace<VB>(ch.vw[mt][2].w, ch.vw[mt][3].w, mv, lo89, hi89);
-          mma16816(acc[mv], minus1024(lo01), minus1024(hi01), minus1024(lo89), minus1024(hi89), b0, b1);
+          mma16816(acc[mv], code_half2(lo01), code_half2(hi01), code_half2(lo89), code_half2(hi89), b0, b1);
         }
       } else {
         const uint32_t b0 = transpose8x8(h2_bits(__floats2half2_rn(s[mt][0], s[mt][1])));  // tokens 2tig.., head gid
@@ -656,7 +668,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     float* o = my_o + g * D + gid * SEGV;
 #pragma unroll
     for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
-      const float lo = fold ? 1.f / float(1 << value_pos<VB>(mv, false)) : 1.f, hi = fold ? 1.f / float(1 << value_pos<VB>(mv, true)) : 1.f;
+      const float lo = fold ? CODE_UNIT / float(1 << value_pos<VB>(mv, false)) : 1.f;
+      const float hi = fold ? CODE_UNIT / float(1 << value_pos<VB>(mv, true)) : 1.f;
       *reinterpret_cast<float2*>(o + 2 * mv) = make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
     }
   }
