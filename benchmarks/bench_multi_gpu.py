@@ -16,6 +16,9 @@ measure the dtype's own noise), `torchrun --nproc-per-node 2` with `tp_plan="aut
 `device_map="auto"` (GPU 0 capped at about half the weights so the layers really split). Greedy tokens of
 `generate` (a seeded random prompt of --prompt-tokens, --new-tokens new) must equal one GPU's with the same cache;
 logits are compared over the steps up to the first differing token, against the one-GPU bf16-vs-float32 difference.
+A random-weight model's top two logits are often closer than bf16's rounding, so a different summation order (the
+all-reduce of tensor parallelism) can flip a greedy token in bf16 with the logits within noise: each layout also runs
+in float32 (`float32_vs_one_gpu`, the fused kernel is then not used), where the greedy tokens must be identical.
 Decoding is timed at batch 1 after a prefill of each context, for DynamicCache and for TinyKVCache (safe preset, fused
 decode kernel). Ratios are against DynamicCache in the same layout and run.
 """
@@ -123,12 +126,14 @@ def merged(per_rank):
     return out
 
 
-def layout_report(name, res, ref, noise, kv_heads):
+def layout_report(name, res, ref, noise, kv_heads, res32=None):
     if "error" in res[0]: return dict(error=res[0]["error"])
     r = res[0]
     placement = r["generate"]["tiny"]["placement"]
     report = dict(world_size=r["world_size"],
                   vs_one_gpu={kind: compare(res, ref, noise, kind) for kind in ("tiny", "dynamic")},
+                  float32_vs_one_gpu=({kind: compare(res32, noise, None, kind) for kind in ("tiny", "dynamic")}
+                                      if res32 and res32[1] is not None and noise is not None else None),
                   fused_kernel_calls_per_rank=r["generate"]["tiny"]["fused_kernel_calls"],
                   kv_heads_per_rank=[sorted({p["kv_heads"] for p in rank}) for rank in placement],
                   local_heads_ok=all(p["kv_heads"] == kv_heads for rank in placement for p in rank),
@@ -215,10 +220,12 @@ def main():
             entry["tensor_parallel"] = dict(skipped=str(e))
         else:
             tp = launch(args, tmp, f"{name}-tp", "tp", path, nproc=2)
-            entry["tensor_parallel"] = layout_report(name, tp, ref, noise, kv_local)
+            tp32 = launch(args, tmp, f"{name}-tp-fp32", "tp", path, nproc=2, dtype="float32", contexts=False)
+            entry["tensor_parallel"] = layout_report(name, tp, ref, noise, kv_local, tp32)
             decode += decode_rows(name, "tensor_parallel", tp)
         split = launch(args, tmp, f"{name}-device-map", "device_map", path)
-        entry["device_map"] = layout_report(name, split, ref, noise, cfg.num_key_value_heads)
+        split32 = launch(args, tmp, f"{name}-device-map-fp32", "device_map", path, dtype="float32", contexts=False)
+        entry["device_map"] = layout_report(name, split, ref, noise, cfg.num_key_value_heads, split32)
         if "compute_devices" in entry["device_map"] and len(entry["device_map"]["compute_devices"]) < 2:
             entry["device_map"]["note"] = "the layers were not split over two devices" + ("" if cuda else " (one CPU)")
         decode += decode_rows(name, "device_map", split)

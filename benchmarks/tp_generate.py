@@ -22,13 +22,13 @@ FUSED_CALLS = [0]
 
 
 def count_fused_calls():
-    "Count the fused kernel's calls (the attention function looks it up by name on every decode step)."
+    "Count the fused kernel's launches (`tiny_attention` looks `_launch` up in its module on every decode step)."
     from tiny_turboquant import kernel
-    original = kernel.fused_decode_attention
+    original = kernel._launch
     def counted(*args, **kwargs):
         FUSED_CALLS[0] += 1
         return original(*args, **kwargs)
-    kernel.fused_decode_attention = counted
+    kernel._launch = counted
 
 
 def checkpoint_bytes(path):
