@@ -5,7 +5,7 @@ replayed from a CUDA graph and the floor of any two-kernel call (two empty kerne
     ncu --clock-control none --set full -k regex:quantized_kernel -c 1 python benchmarks/profile_kernel.py --batch 8 --context 65536
     python benchmarks/profile_kernel.py --breakdown     # writes benchmarks/results/kernel_h200_breakdown.json
 """
-import argparse, json
+import argparse, json, re
 from pathlib import Path
 import torch
 from tiny_turboquant.kernel import fused_decode_attention, build_kernel
@@ -13,6 +13,13 @@ from bench_kernel import SHAPES, random_history, median_us, graph_us
 
 BREAKDOWN_SHAPES = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 16384), ("llama3-8b", 1, 65536), ("qwen2.5-7b", 1, 16384),
                     ("llama3-8b", 8, 16384), ("llama3-8b", 8, 65536), ("llama3-8b", 32, 16384), ("llama3-8b", 32, 65536)]
+
+
+def short_name(kernel):
+    "'quantized_kernel' from 'void (anonymous namespace)::quantized_kernel<128, 4, 4>(DecodeParams)'."
+    kernel = kernel.replace("(anonymous namespace)::", "").removeprefix("void ")
+    m = re.match(r"\s*([A-Za-z_][\w:]*)", kernel)
+    return (m.group(1) if m else kernel).split("::")[-1]
 
 
 def kernel_us(f, reps):
@@ -26,7 +33,7 @@ def kernel_us(f, reps):
     times = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.split("<")[0].split("(")[0].split("::")[-1]
+            name = short_name(e.name)
             times.setdefault(name, []).append(e.device_time if hasattr(e, "device_time") else e.cuda_time)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
