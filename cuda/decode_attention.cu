@@ -35,6 +35,9 @@ namespace {
 #ifndef TT_SUBNORMAL
 #define TT_SUBNORMAL 1  // 1: the codes go to the mma as fp16 subnormals (code * 2^-24, exact: the mask alone makes them),
 #endif                  //    not as 1024 + code less 1024 (one HADD2 per code pair fewer); 0: the 1024 + code road
+#ifndef TT_WINDOW_BATCH
+#define TT_WINDOW_BATCH 1  // 1: the window's tokens go UNROLL at a time through one softmax update per head, the heads
+#endif                     //    unrolled without a branch; 0: one token and one head at a time (1.5-16% slower, H200)
 #ifndef TT_ABLATE
 #define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
 #endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only
@@ -348,6 +351,96 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, const float* 
     }
   }
 }
+
+#if TT_WINDOW_BATCH
+// The window part with the heads unrolled to NH (a compile-time bound on the block's heads: rows past them hold a zero
+// query and are never written out) and UNROLL tokens per online-softmax update: their 5-step warp sums run side by side
+// instead of one head and one token after another.
+template <int D, int NH>
+__device__ __forceinline__ void window_part_batched(const DecodeParams& p, const float* qs, float (&m)[MAX_HEADS],
+                                                    float (&l)[MAX_HEADS], float (&o)[MAX_HEADS][D / 32]) {
+  constexpr int PER = D / 32, UNROLL = 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
+  const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
+  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(p.nw, s_lo + p.window_per_split);
+  const int t_lo = s_lo + warp * per_warp, t_hi = min(s_hi, t_lo + per_warp);
+  const bool bf16 = p.is_bf16;
+  const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
+  const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
+  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
+
+  float qf[NH][PER];
+#pragma unroll
+  for (int g = 0; g < MAX_HEADS; ++g) {
+#pragma unroll
+    for (int i = 0; i < PER; ++i) o[g][i] = 0.f;
+    m[g] = -INFINITY; l[g] = 0.f;
+  }
+#pragma unroll
+  for (int g = 0; g < NH; ++g)
+#pragma unroll
+    for (int i = 0; i < PER; ++i) qf[g][i] = qs[g * D + lane * PER + i];
+  for (int t0 = t_lo; t0 < t_hi; t0 += UNROLL) {
+    Words<2 * PER> kw[UNROLL], vw[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {  // past the warp's last token: that token again, masked below
+      const int64_t t = min(t0 + u, t_hi - 1);
+      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wk + t * p.wk_st), kw[u]);
+      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wv + t * p.wv_st), vw[u]);
+    }
+    float sc[UNROLL][NH], vf[UNROLL][PER];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      float kf[PER];
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        kf[i] = to_float(uint16_t(kw[u].w[i / 2] >> (16 * (i % 2))), bf16);
+        vf[u][i] = to_float(uint16_t(vw[u].w[i / 2] >> (16 * (i % 2))), bf16);
+      }
+#pragma unroll
+      for (int g = 0; g < NH; ++g) {
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
+        sc[u][g] = dot;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+        for (int g = 0; g < NH; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const bool valid = t0 + u < t_hi && (!mask || mask[min(t0 + u, t_hi - 1)]);
+#pragma unroll
+      for (int g = 0; g < NH; ++g) sc[u][g] = valid ? sc[u][g] : -INFINITY;
+    }
+#pragma unroll
+    for (int g = 0; g < NH; ++g) {
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) mx = fmaxf(mx, sc[u][g]);
+      const float base = mx == -INFINITY ? 0.f : mx;  // nothing attended yet: exp2(-inf - 0) = 0, not NaN
+      const float alpha = fast_exp2(m[g] - base);
+      float pr[UNROLL], sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) { pr[u] = fast_exp2(sc[u][g] - base); sum += pr[u]; }
+      l[g] = l[g] * alpha + sum;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        float acc = o[g][i] * alpha;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) acc = fmaf(pr[u], vf[u][i], acc);
+        o[g][i] = acc;
+      }
+      m[g] = mx;
+    }
+  }
+}
+#endif
 
 // One warp's shared-memory stage: the key codes and value codes of one chunk, the key scale and zero rows of the
 // 128-token block the chunk belongs to (copied only with a warp's first chunk and each block's first), and the
@@ -675,7 +768,12 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   }
   constexpr int PER = D / 32;
   float wm[MAX_HEADS], wl[MAX_HEADS], wo[MAX_HEADS][PER];
-  window_part<D>(p, qs, wm, wl, wo);  // after the loop: its registers are free now
+#if TT_WINDOW_BATCH  // after the loop: its registers are free now
+  if (GH <= 4) window_part_batched<D, 4>(p, qs, wm, wl, wo);
+  else window_part_batched<D, MAX_HEADS>(p, qs, wm, wl, wo);
+#else
+  window_part<D>(p, qs, wm, wl, wo);
+#endif
   __syncwarp();
 #pragma unroll
   for (int g = 0; g < MAX_HEADS; ++g) {  // add the window part into this warp's slice (lane: channels lane * PER ...)
