@@ -30,14 +30,11 @@ namespace {
 #endif
 #ifndef TT_FOLD
 #define TT_FOLD 1      // 1: fold the per-token value scale into the probabilities (one value group, 4- or 2-bit values):
-#endif                 //    the value codes go to the mma with one subtraction and no scale, the zeros add up in fp32 on
+#endif                 //    the value codes go to the mma as they are (no scale), the zeros add up in fp32 on
                        //    the side (with TT_KEY_INPLACE: up to 12% faster at 4 bits, same error; 3-bit values do not fold)
 #ifndef TT_SUBNORMAL
 #define TT_SUBNORMAL 1  // 1: the codes go to the mma as fp16 subnormals (code * 2^-24, exact: the mask alone makes them),
 #endif                  //    not as 1024 + code less 1024 (one HADD2 per code pair fewer); 0: the 1024 + code road
-#ifndef TT_WINDOW_BATCH
-#define TT_WINDOW_BATCH 1  // 1: the window's tokens go UNROLL at a time through one softmax update per head, the heads
-#endif                     //    unrolled without a branch; 0: one token and one head at a time (1.5-16% slower, H200)
 #ifndef TT_ABLATE
 #define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
 #endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only
@@ -53,7 +50,6 @@ namespace {
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
-
 constexpr int WARPS = 4;         // warps per block of the split kernel
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
@@ -205,7 +201,8 @@ __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
   return code_at<BITS>(w, 2 * i) | (code_at<BITS>(w, 2 * i + 1) << 16) | CODE_BIAS;
 }
 
-// Values: channels (2mv, 2mv+1) of two tokens a, b -> lo = (a[2mv], b[2mv]), hi = (a[2mv+1], b[2mv+1]) as 1024 + code.
+// Values: channels (2mv, 2mv+1) of two tokens a, b -> lo = (a[2mv], b[2mv]), hi = (a[2mv+1], b[2mv+1]) as bias + code
+// (1024 + code, as dequant2 takes them, unless told otherwise).
 template <int BITS>
 __device__ __forceinline__ void value_pairs(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi,
                                             uint32_t bias = MAGIC) {
@@ -288,77 +285,14 @@ __device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
 }
 
 // The full-precision window: CUDA cores in fp32, each lane D/32 channels. Split s of the launch takes window tokens
-// [s * window_per_split, (s + 1) * window_per_split), a quarter to each warp, UNROLL tokens at a time so that their
-// loads are in flight together. Leaves this warp's running max m, sum l and unnormalised output o (channels
-// lane * D/32 ...) per query head of the block.
-template <int D>
+// [s * window_per_split, (s + 1) * window_per_split), a quarter to each warp, UNROLL tokens at a time: their loads are
+// in flight together, and they go through one online-softmax update per head. The heads are unrolled to NH, a
+// compile-time bound on the block's heads (rows past them hold a zero query and are never written out), so their warp
+// sums run side by side (one token and one head at a time, behind a branch on the head count, was 1.5-16% slower on an
+// H200). Leaves this warp's running max m, sum l and unnormalised output o (channels lane * D/32 ...) per query head.
+template <int D, int NH>
 __device__ __forceinline__ void window_part(const DecodeParams& p, const float* qs, float (&m)[MAX_HEADS],
                                             float (&l)[MAX_HEADS], float (&o)[MAX_HEADS][D / 32]) {
-  constexpr int PER = D / 32, UNROLL = 4;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
-  const int GH = min(MAX_HEADS, p.G - h0);
-  const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
-  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(p.nw, s_lo + p.window_per_split);
-  const int t_lo = s_lo + warp * per_warp, t_hi = min(s_hi, t_lo + per_warp);
-  const bool bf16 = p.is_bf16;
-  const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
-  const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
-  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
-
-  float qf[MAX_HEADS][PER];
-#pragma unroll
-  for (int g = 0; g < MAX_HEADS; ++g) {
-#pragma unroll
-    for (int i = 0; i < PER; ++i) { qf[g][i] = qs[g * D + lane * PER + i]; o[g][i] = 0.f; }
-    m[g] = -INFINITY; l[g] = 0.f;
-  }
-  for (int t0 = t_lo; t0 < t_hi; t0 += UNROLL) {
-    Words<2 * PER> kw[UNROLL], vw[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {  // past the warp's last token: that token again, masked below
-      const int64_t t = min(t0 + u, t_hi - 1);
-      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wk + t * p.wk_st), kw[u]);
-      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wv + t * p.wv_st), vw[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const bool valid = t0 + u < t_hi && (!mask || mask[min(t0 + u, t_hi - 1)]);
-      float kf[PER], vf[PER];
-#pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        kf[i] = to_float(uint16_t(kw[u].w[i / 2] >> (16 * (i % 2))), bf16);
-        vf[i] = to_float(uint16_t(vw[u].w[i / 2] >> (16 * (i % 2))), bf16);
-      }
-#pragma unroll
-      for (int g = 0; g < MAX_HEADS; ++g) {
-        if (g < GH) {
-          float dot = 0.f;
-#pragma unroll
-          for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-          const float sc = valid ? dot : -INFINITY;
-          const float mn = fmaxf(m[g], sc);
-          const float alpha = mn == -INFINITY ? 1.f : exp2f(m[g] - mn);
-          const float pr = sc == -INFINITY ? 0.f : exp2f(sc - mn);
-          l[g] = l[g] * alpha + pr;
-#pragma unroll
-          for (int i = 0; i < PER; ++i) o[g][i] = fmaf(o[g][i], alpha, pr * vf[i]);
-          m[g] = mn;
-        }
-      }
-    }
-  }
-}
-
-#if TT_WINDOW_BATCH
-// The window part with the heads unrolled to NH (a compile-time bound on the block's heads: rows past them hold a zero
-// query and are never written out) and UNROLL tokens per online-softmax update: their 5-step warp sums run side by side
-// instead of one head and one token after another.
-template <int D, int NH>
-__device__ __forceinline__ void window_part_batched(const DecodeParams& p, const float* qs, float (&m)[MAX_HEADS],
-                                                    float (&l)[MAX_HEADS], float (&o)[MAX_HEADS][D / 32]) {
   constexpr int PER = D / 32, UNROLL = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
@@ -440,7 +374,6 @@ __device__ __forceinline__ void window_part_batched(const DecodeParams& p, const
     }
   }
 }
-#endif
 
 // One warp's shared-memory stage: the key codes and value codes of one chunk, the key scale and zero rows of the
 // 128-token block the chunk belongs to (copied only with a warp's first chunk and each block's first), and the
@@ -768,12 +701,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   }
   constexpr int PER = D / 32;
   float wm[MAX_HEADS], wl[MAX_HEADS], wo[MAX_HEADS][PER];
-#if TT_WINDOW_BATCH  // after the loop: its registers are free now
-  if (GH <= 4) window_part_batched<D, 4>(p, qs, wm, wl, wo);
-  else window_part_batched<D, MAX_HEADS>(p, qs, wm, wl, wo);
-#else
-  window_part<D>(p, qs, wm, wl, wo);
-#endif
+  if (GH <= 4) window_part<D, 4>(p, qs, wm, wl, wo);  // after the loop: its registers are free now
+  else window_part<D, MAX_HEADS>(p, qs, wm, wl, wo);
   __syncwarp();
 #pragma unroll
   for (int g = 0; g < MAX_HEADS; ++g) {  // add the window part into this warp's slice (lane: channels lane * PER ...)
