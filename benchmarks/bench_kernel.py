@@ -85,11 +85,6 @@ def random_history(B, Hkv, D, tokens, key_bits, value_bits, dtype=torch.float16,
     return h
 
 
-def stored_bytes(h):
-    return sum(t.numel() * t.element_size() for t in (h.key_codes, h.value_codes, h.key_scale, h.key_zero,
-                                                      h.value_scale, h.value_zero, h.window_keys, h.window_values))
-
-
 def quanto_layer_step(q, context, device="cuda"):
     "One decode layer-step through transformers' QuantizedCache (quanto, int4) holding `context` fp16 tokens: append, attend."
     from types import SimpleNamespace
@@ -114,7 +109,7 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), 
     G = Hq // Hkv
     h = random_history(B, Hkv, D, context, *bits)
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
-    layers = [h] + [random_history(B, Hkv, D, context, *bits) for _ in range(layer_count(stored_bytes(h)) - 1)]
+    layers = [h] + [random_history(B, Hkv, D, context, *bits) for _ in range(layer_count(h.nbytes()) - 1)]
     attend = lambda: fused_decode_attention(q, h, defines=defines)
     attend_all = lambda defs: [lambda hl=hl: fused_decode_attention(q, hl, defines=defs) for hl in layers]
     out = attend()
@@ -125,7 +120,7 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), 
         err = rel_err(out)
     t_ours_eager = median_us(attend, reps)
     t_ours = per_layer_us(attend_all(defines), reps)
-    ours_bytes = stored_bytes(h) + 2 * q.numel() * q.element_size()
+    ours_bytes = h.nbytes() + 2 * q.numel() * q.element_size()
     timed_variants = {}
     for name, vdefs in variants:
         f = lambda: fused_decode_attention(q, h, defines=vdefs)
