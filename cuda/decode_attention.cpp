@@ -35,6 +35,7 @@ at::Tensor aligned(const at::Tensor& t) {
 at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_scale, at::Tensor key_zero,
                             at::Tensor value_codes, at::Tensor value_scale, at::Tensor value_zero,
                             at::Tensor window_keys, at::Tensor window_values, c10::optional<at::Tensor> mask,
+                            c10::optional<at::Tensor> window_length,
                             int64_t key_bits, int64_t value_bits, double scale, bool float_output) {
   q = aligned(q); key_codes = aligned(key_codes); key_scale = aligned(key_scale); key_zero = aligned(key_zero);
   value_codes = aligned(value_codes); value_scale = aligned(value_scale); value_zero = aligned(value_zero);
@@ -78,6 +79,12 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) >= nq + nw && mask->stride(1) == 1, "mask must be [B, >= tokens]");
   }
 
+  if (window_length.has_value()) {  // read on the device: a CUDA graph replays this launch while the window fills
+    TORCH_CHECK(window_length->device() == dev && window_length->scalar_type() == at::kLong && window_length->numel() == 1,
+                "window_length must be a one-element int64 tensor on ", dev, ", got ", window_length->scalar_type(),
+                " of shape ", window_length->sizes(), " on ", window_length->device());
+  }
+
   const at::cuda::CUDAGuard guard(dev);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // cached by torch
   static int occupancy[3][3][3] = {};  // blocks per SM for each (head_dim, key_bits, value_bits); asked once
@@ -96,6 +103,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.wk_sb = window_keys.stride(0); p.wk_sh = window_keys.stride(1); p.wk_st = window_keys.stride(2);
   p.wv_sb = window_values.stride(0); p.wv_sh = window_values.stride(1); p.wv_st = window_values.stride(2);
   if (mask.has_value()) { p.mask = static_cast<const uint8_t*>(mask->data_ptr()); p.mask_sb = mask->stride(0); }
+  if (window_length.has_value()) p.window_length = window_length->data_ptr<int64_t>();
   p.B = B; p.Hkv = Hkv; p.G = Hq / Hkv; p.D = D; p.key_bits = key_bits; p.value_bits = value_bits;
   p.nq = nq; p.nw = nw;
   p.head_groups = (p.G + 7) / 8;

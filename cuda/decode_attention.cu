@@ -284,21 +284,31 @@ __device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
   __syncthreads();
 }
 
-// The full-precision window: CUDA cores in fp32, each lane D/32 channels. Split s of the launch takes window tokens
-// [s * window_per_split, (s + 1) * window_per_split), a quarter to each warp, UNROLL tokens at a time: their loads are
+// The full-precision window: CUDA cores in fp32, each lane D/32 channels. Each warp takes its window_range,
+// UNROLL tokens at a time: their loads are
 // in flight together, and they go through one online-softmax update per head. The heads are unrolled to NH, a
 // compile-time bound on the block's heads (rows past them hold a zero query and are never written out), so their warp
 // sums run side by side (one token and one head at a time, behind a branch on the head count, was 1.5-16% slower on an
 // H200). Leaves this warp's running max m, sum l and unnormalised output o (channels lane * D/32 ...) per query head.
+// The window tokens [lo, hi) of this warp: split s of the launch takes [s * window_per_split, (s + 1) *
+// window_per_split), a quarter to each warp. A fixed window (CUDA graphs) says on the device how many it holds.
+struct TokenRange { int lo, hi; };
+__device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int warp) {
+  const int nw = p.window_length ? int(min(*p.window_length, int64_t(p.nw))) : p.nw;
+  const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
+  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(nw, s_lo + p.window_per_split);
+  const int lo = s_lo + warp * per_warp;
+  return {lo, min(s_hi, lo + per_warp)};
+}
+
 template <int D, int NH>
 __device__ __forceinline__ void window_part(const DecodeParams& p, const float* qs, float (&m)[MAX_HEADS],
                                             float (&l)[MAX_HEADS], float (&o)[MAX_HEADS][D / 32]) {
   constexpr int PER = D / 32, UNROLL = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
-  const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
-  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(p.nw, s_lo + p.window_per_split);
-  const int t_lo = s_lo + warp * per_warp, t_hi = min(s_hi, t_lo + per_warp);
+  const TokenRange r = window_range(p, warp);
+  const int t_lo = r.lo, t_hi = r.hi;
   const bool bf16 = p.is_bf16;
   const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
   const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;

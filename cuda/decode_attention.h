@@ -22,6 +22,9 @@ struct DecodeParams {
   const void* wk; const void* wv; int64_t wk_sb, wk_sh, wk_st, wv_sb, wv_sh, wv_st;
   // optional key mask [B, >= nq + nw] uint8 (1 = attend), null when every token is attended
   const uint8_t* mask; int64_t mask_sb;
+  // optional device count of the window's tokens (a CUDA graph replays one launch while the window fills): the window
+  // tensors then hold nw slots of which the first *window_length are read; null when all nw are
+  const int64_t* window_length;
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
   int splits, tiles_per_split;             // split-K: blocks per (row, head group), 128-token key blocks per split

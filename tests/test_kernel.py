@@ -112,6 +112,23 @@ def test_misaligned_inputs_give_the_same_result():
     torch.testing.assert_close(fused_decode_attention(misaligned(q), h), want, rtol=0, atol=0)
 
 
+def test_fixed_window_length_is_read_on_the_device():
+    "A fixed window (CUDA graphs): the kernel attends its first `length` slots, read on the device, and never the rest."
+    for tokens, D in ((77, 64), (1000, 128), (5000, 128), (300, 256)):
+        h = make_history(2, 2, D, tokens, 4, 4, None, torch.float16)
+        q = torch.randn(2, 8, 1, D, device="cuda", dtype=torch.float16)
+        want = reference_decode_attention(q, h)
+        last_k, last_v = h.window_keys[:, :, -1:].clone(), h.window_values[:, :, -1:].clone()
+        w = h.window_tokens
+        h.truncate(tokens - 1)
+        slot = torch.tensor([w - 1], device="cuda"); length = slot + 1
+        h.fix_window(slot, length)
+        h.fixed.keys[:, :, w:] = float("nan"); h.fixed.values[:, :, w:] = float("nan")  # slots past length: never read
+        h.write_fixed(last_k, last_v)
+        out = fused_decode_attention(q, h, out_dtype=torch.float32)
+        assert relative_error(out, want) < TOLERANCE, (tokens, D, relative_error(out, want))
+
+
 def test_generation_matches_pytorch_path():
     "Greedy decoding through the kernel gives the PyTorch path's tokens; logits agree to fp16 noise."
     from transformers import LlamaConfig, LlamaForCausalLM

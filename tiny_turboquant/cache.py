@@ -84,6 +84,11 @@ class TinyKVLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized: self.lazy_initialization(key_states, value_states)
+        if self.history.fixed is not None:  # a CUDA graph's step (12_cuda_graph): in place, no Python state changes
+            if key_states.shape[-2] != 1: raise ValueError("a fixed window takes one token per step; release_window() first")
+            self.history.write_fixed(key_states, value_states)
+            key_states.tiny_history = self.history
+            return key_states, value_states
         if self.fused and key_states.shape[-2] == 1 and self.history.tokens:
             self.history.flush_due()
             self.history.append(key_states, value_states, flush=False)  # the attention function flushes after it

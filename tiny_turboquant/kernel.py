@@ -102,8 +102,10 @@ def _launch(query, h:CompressedKV, scale, mask, float_output=False, defines=None
     if mask is not None: mask = mask.expand(query.shape[0], -1)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     kernel = build_kernel(defines=KERNEL_DEFINES if defines is None else defines)
+    f = h.fixed  # a fixed window: all its slots go to the kernel, which reads how many to attend on the device
+    window = (h.window_keys, h.window_values, None) if f is None else (f.keys, f.values, f.length)
     # (the binding copies a tensor whose (row, head) starts are not 16-byte aligned; the cache's never are)
-    return kernel.decode_attention(query[:, :, 0], *store, h.window_keys, h.window_values, mask, h.key_bits,
+    return kernel.decode_attention(query[:, :, 0], *store, window[0], window[1], mask, window[2], h.key_bits,
                                    h.value_bits, float(scale), float_output)
 
 # %% ../nbs/08_cuda.ipynb #4a84f528
@@ -148,14 +150,18 @@ def tiny_attention(module, query, key, value, attention_mask, scaling=None, drop
     if history is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     try:
-        mask = _key_mask(attention_mask, history.tokens)
+        # a fixed window's step attends every cached token (GraphDecoder takes no padded batches); a mask made when its
+        # graph was captured would be too short for the tokens written since
+        mask = None if history.fixed is not None else _key_mask(attention_mask, history.tokens)
         extras = any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "s_aux", "position_bias"))
         if mask is not NotImplemented and not extras and not dropout and kernel_supports(history, query) is None:
             return _launch(query, history, scaling, mask).unsqueeze(1), None
         k, v = history.dequantized()
+        if history.fixed is not None:  # its view lags the token this step wrote (the caller advances it after the step)
+            k, v = torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
         return sdpa_attention_forward(module, query, k, v, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     finally:
-        history.flush_due()
+        if history.fixed is None: history.flush_due()  # a fixed window is flushed by its owner, outside the graph
 
 def use_fused_attention(model):
     "Register `tiny_attention` with transformers and make `model` use it (SDPA stays in charge of everything but fused decode)."
