@@ -110,7 +110,7 @@ GraphDecoder.decode = _decode
 # %% ../nbs/12_cuda_graph.ipynb #e817a590
 @torch.no_grad()
 def _generate(self:GraphDecoder, input_ids, max_new_tokens, eos_token_id=None):
-    "Greedy generation: `[B, prompt + new]` tokens, decode steps replayed from CUDA graphs."
+    "Greedy generation of `[B, prompt + new]` tokens (rows of equal length, no padding), decode steps replayed from CUDA graphs."
     if input_ids.dim() != 2: raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
     if self.cache.get_seq_length(): raise ValueError("the cache already holds tokens; generate starts from an empty cache")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

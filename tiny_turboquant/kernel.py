@@ -156,6 +156,10 @@ def tiny_attention(module, query, key, value, attention_mask, scaling=None, drop
         extras = any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "s_aux", "position_bias"))
         if mask is not NotImplemented and not extras and not dropout and kernel_supports(history, query) is None:
             return _launch(query, history, scaling, mask).unsqueeze(1), None
+        if history.fixed is not None and query.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"a CUDA graph is capturing a decode step the fused kernel cannot take "
+                             f"({kernel_supports(history, query) or 'a mask or an attention option it lacks'}): the "
+                             "fallback's sizes would be frozen in the graph; decode eagerly")
         k, v = history.dequantized()
         if history.fixed is not None:  # its view lags the token this step wrote (the caller advances it after the step)
             k, v = torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
