@@ -24,6 +24,7 @@ from tiny_turboquant.kernel import build_kernel
 from tiny_turboquant.graphs import GraphDecoder
 
 B, LAYERS = 8, 8
+FUSED = ("tiny-fused", "tiny-graph")  # the kinds that decode through the fused kernel
 GRAPH_STEPS = 256  # two periods of 128 steps, so the graph row's wall time includes its captures
 
 
@@ -42,8 +43,8 @@ def filled_cache(model, kind, context):
     torch.manual_seed(0)
     if kind == "dynamic": cache = DynamicCache()
     elif kind == "quanto": cache = parse_method("quanto:4").make(model)  # transformers' QuantizedCache, int4
-    else: cache = TinyKVCache.for_model(model, fused_attention=kind in ("tiny-fused", "tiny-graph"))
-    if kind not in ("tiny-fused", "tiny-graph"): model.set_attn_implementation("sdpa")
+    else: cache = TinyKVCache.for_model(model, fused_attention=kind in FUSED)
+    if kind not in FUSED: model.set_attn_implementation("sdpa")
     for i in range(LAYERS):
         k = torch.randn(B, 8, context, 128, device="cuda", dtype=torch.bfloat16)
         cache.update(k, torch.randn_like(k), i)

@@ -6,7 +6,7 @@ Shapes: Llama-3-8B (32 query / 8 KV heads) and Qwen2.5-7B (28 / 4), head_dim 128
 64k, 128k. The cache is filled with random codes, scales and a full window (random data: timing does not depend on
 values). A layer-step is timed as a decode step meets it: `layers` calls, each over its own layer's data (at least 2 GB
 in all, so no layer finds its data in L2), captured back to back in one CUDA graph; the time per call is the graph's
-time over `layers` (GPU time without the host's launch overhead, and without the graph's own launch latency, 16-19 us,
+time over `layers` (GPU time without the host's launch overhead, and without the graph's own launch latency, 11-19 us,
 on each call; `ours_eager_us` is one eager call, host included). In the same run: the device-to-device copy bandwidth
 (bytes read + written), torch SDPA over fp16 K/V
 (with enable_gqa, and with the query heads of a KV head packed as queries; the faster is the fp16 floor), dequantize
