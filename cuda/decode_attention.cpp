@@ -137,6 +137,15 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   return out;
 }
 
+// The phase stamps of the last launch ([2, TRACE_SLOTS] int64, zeros where nothing stamped), cleared; builds with
+// TT_TRACE only (None otherwise)
+c10::optional<at::Tensor> trace() {
+  at::Tensor host = at::zeros({2, TRACE_SLOTS}, at::kLong);
+  if (decode_trace(host.data_ptr<int64_t>()) == 0) return c10::nullopt;
+  return host;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "Fused dequantize + attention for one decode step (KIVI layout + window)");
+  m.def("trace", &trace, "TT_TRACE builds: the phase stamps of the last launch ([2, slots] int64: %globaltimer, clock64), cleared");
 }

@@ -1,12 +1,13 @@
 // Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
 //
 // One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
-// warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window; each warp walks
-// its quarter of the block's 32-token chunks with its own online-softmax state (the main loop has no block barrier),
+// warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window. Each warp first
+// attends its quarter of that share (copied into its last stage ahead of its first chunks), then walks its quarter of
+// the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
 // copying them into its own shared-memory stages with cp.async TT_STAGES - 1 chunks ahead of the one it computes
 // (codes, the value scales and zeros, and each key block's scale and zero rows) and reading the mma fragments from
-// there. After the loop each warp attends its share of the window, and the block merges its warps' states (running
-// max m, sum l, unnormalised output o) in shared memory into one partial per split; `combine_kernel` merges those.
+// there. The block merges its warps' states (running max m, sum l, unnormalised output o) in shared memory into one
+// partial per split; `combine_kernel` merges those.
 // The host picks the number of splits so that the grid is one whole wave of resident blocks where it can.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
@@ -47,10 +48,33 @@ namespace {
 #ifndef TT_MIN_BLOCKS
 #define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
 #endif
+#ifndef TT_TRACE
+#define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
+#endif
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
 constexpr int WARPS = 4;         // warps per block of the split kernel
+
+#if TT_TRACE
+__device__ unsigned long long trace_clocks[2][TRACE_SLOTS];  // [%globaltimer (ns, one clock for all SMs), clock64][slot]
+#endif
+__device__ __forceinline__ int block_index() { return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); }
+__device__ __forceinline__ void stamp(int slot) {  // thread 0 of the block (TT_TRACE builds)
+#if TT_TRACE
+  if (threadIdx.x != 0) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  trace_clocks[0][slot] = t;
+  trace_clocks[1][slot] = clock64();
+#endif
+}
+__device__ __forceinline__ void stamp_split(int event) {
+  if (TT_TRACE && block_index() < TRACE_SPLIT_BLOCKS) stamp(block_index() * TRACE_SPLIT_EVENTS + event);
+}
+__device__ __forceinline__ void stamp_combine(int event) {
+  if (TT_TRACE && block_index() < TRACE_COMBINE_BLOCKS) stamp(TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + block_index() * 2 + event);
+}
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
 constexpr int MAX_VALUE_GROUPS = 8;  // value groups span at least head_dim / 8 channels (one lane's slice)
@@ -265,16 +289,29 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
 
 // The query of the block's heads times softmax scale * log2(e), in fp32 in shared memory ([MAX_HEADS][D], rows past
 // the block's heads zero): the window part and each 128-token block's fold read it there, not from global memory.
+// Loaded in two steps so that its loads go out before the chunks' copies (TT_TRACE: staged 0.5-1.5 us sooner).
+template <int D> struct QueryLoad {
+  static constexpr int UNITS = MAX_HEADS * D / 8;  // 8 numbers (16 bytes) each: one load per thread at head_dim 128
+  uint4 v[(UNITS + WARPS * 32 - 1) / (WARPS * 32)];
+};
 template <int D>
-__device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
+__device__ __forceinline__ void load_query(const DecodeParams& p, QueryLoad<D>& ql) {
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0) * p.q_sh;
-  constexpr int UNITS = MAX_HEADS * D / 8;  // 8 numbers (16 bytes) each: one load per thread at head_dim 128
-  for (int u = threadIdx.x; u < UNITS; u += WARPS * 32) {
-    const int g = u / (D / 8), d0 = (u % (D / 8)) * 8;
-    const uint4 v = g < GH ? __ldg(reinterpret_cast<const uint4*>(q + g * p.q_sh + d0)) : make_uint4(0, 0, 0, 0);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < int(sizeof(ql.v) / sizeof(uint4)); ++k) {
+    const int u = threadIdx.x + k * WARPS * 32, g = u / (D / 8), d0 = (u % (D / 8)) * 8;
+    ql.v[k] = u < QueryLoad<D>::UNITS && g < GH ? __ldg(reinterpret_cast<const uint4*>(q + g * p.q_sh + d0)) : make_uint4(0, 0, 0, 0);
+  }
+}
+template <int D>
+__device__ __forceinline__ void stage_query(const DecodeParams& p, const QueryLoad<D>& ql, float* qs) {
+#pragma unroll
+  for (int k = 0; k < int(sizeof(ql.v) / sizeof(uint4)); ++k) {
+    const int u = threadIdx.x + k * WARPS * 32, g = u / (D / 8), d0 = (u % (D / 8)) * 8;
+    if (u >= QueryLoad<D>::UNITS) break;
+    const uint32_t w[4] = {ql.v[k].x, ql.v[k].y, ql.v[k].z, ql.v[k].w};
     float f[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) f[e] = to_float(uint16_t(w[e / 2] >> (16 * (e % 2))), p.is_bf16) * p.scale_log2;
@@ -284,12 +321,6 @@ __device__ __forceinline__ void stage_query(const DecodeParams& p, float* qs) {
   __syncthreads();
 }
 
-// The full-precision window: CUDA cores in fp32, each lane D/32 channels. Each warp takes its window_range,
-// UNROLL tokens at a time: their loads are
-// in flight together, and they go through one online-softmax update per head. The heads are unrolled to NH, a
-// compile-time bound on the block's heads (rows past them hold a zero query and are never written out), so their warp
-// sums run side by side (one token and one head at a time, behind a branch on the head count, was 1.5-16% slower on an
-// H200). Leaves this warp's running max m, sum l and unnormalised output o (channels lane * D/32 ...) per query head.
 // The window tokens [lo, hi) of this warp: split s of the launch takes [s * window_per_split, (s + 1) *
 // window_per_split), a quarter to each warp. A fixed window (CUDA graphs) says on the device how many it holds.
 struct TokenRange { int lo, hi; };
@@ -301,47 +332,81 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
   return {lo, min(s_hi, lo + per_warp)};
 }
 
-template <int D, int NH>
-__device__ __forceinline__ void window_part(const DecodeParams& p, const float* qs, float (&m)[MAX_HEADS],
-                                            float (&l)[MAX_HEADS], float (&o)[MAX_HEADS][D / 32]) {
-  constexpr int PER = D / 32, UNROLL = 4;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// The window's rows: each warp copies its share into its last stage (the loop refills that stage only after the window
+// is attended) as its first cp.async group, ahead of its first chunks' copies: keys, then values, `room` rows of each.
+// Rows past the room (a wide window over few splits) are read from global memory. (TT_TRACE: the window lands about
+// as late as plain loads issued after the chunks' copies did, 5-8 us into a call, because every warp's first
+// requests arrive together; it is attended 0.3-3 us sooner.)
+template <int D>
+__device__ __forceinline__ const uint16_t* window_row(const DecodeParams& p, bool values, int64_t t) {  // row t's start
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
-  const TokenRange r = window_range(p, warp);
-  const int t_lo = r.lo, t_hi = r.hi;
-  const bool bf16 = p.is_bf16;
-  const uint16_t* wk = static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + lane * PER;
-  const uint16_t* wv = static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + lane * PER;
-  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
-
-  float qf[NH][PER];
-#pragma unroll
-  for (int g = 0; g < MAX_HEADS; ++g) {
-#pragma unroll
-    for (int i = 0; i < PER; ++i) o[g][i] = 0.f;
-    m[g] = -INFINITY; l[g] = 0.f;
+  return values ? static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + t * p.wv_st
+                : static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + t * p.wk_st;
+}
+template <int D>
+__device__ __forceinline__ void copy_window(const DecodeParams& p, TokenRange r, uint8_t* staged, int room) {
+  constexpr int UNITS = D / 8;  // 16-byte units in a row
+  const int lane = threadIdx.x & 31, n = max(0, min(r.hi - r.lo, room));
+  for (int i = lane; i < 2 * n * UNITS; i += 32) {
+    const int values = i / (n * UNITS), t = (i / UNITS) % n, u = i % UNITS;
+    cp_async16(staged + (values * room + t) * 2 * D + 16 * u, window_row<D>(p, values, r.lo + t) + 8 * u);
   }
+  cp_async_commit();
+}
+
+// UNROLL window tokens as this lane's loads bring them: keys, D/32 channels at lane * D/32 (for the dot products);
+// values, D/8 channels at gid * D/8 (the accumulator's rows). Past the warp's last token: that token again, masked.
+template <int D> struct WindowBatch {
+  static constexpr int UNROLL = D == 256 ? 2 : 4;
+  Words<D / 16> kw[UNROLL];
+  Words<D / 4> vw[UNROLL];
+};
+template <int D>
+__device__ __forceinline__ void load_window(const DecodeParams& p, TokenRange r, int t0, const uint8_t* staged, int room,
+                                            WindowBatch<D>& w) {
+  const int lane = threadIdx.x & 31, key_at = lane * (D / 32), value_at = (lane >> 2) * (D / 8);  // in numbers
+#pragma unroll
+  for (int u = 0; u < WindowBatch<D>::UNROLL; ++u) {
+    const int t = min(t0 + u, r.hi - 1), j = t - r.lo;
+    if (j < room) {  // staged
+      load_words<D / 16, false>(staged + 2 * (j * D + key_at), w.kw[u]);
+      load_words<D / 4, false>(staged + 2 * ((room + j) * D + value_at), w.vw[u]);
+    } else {
+      load_words<D / 16>(reinterpret_cast<const uint8_t*>(window_row<D>(p, false, t) + key_at), w.kw[u]);
+      load_words<D / 4>(reinterpret_cast<const uint8_t*>(window_row<D>(p, true, t) + value_at), w.vw[u]);
+    }
+  }
+}
+
+// The window attended first, before the quantized chunks, and the main loop continues its online softmax (after the
+// loop it was a tail that every call waited on). CUDA cores in fp32: each lane dots D/32 channels of a key with every
+// head's query and a butterfly sums them; the value rows go straight into the loop's accumulator layout (this lane:
+// channels gid * D/8 + 2mv and + 1, heads 2tig and 2tig + 1), UNROLL tokens at a time. NH bounds the block's heads at
+// compile time (rows past them hold a zero query and are never written out). Leaves m, l (on the gid == 0 lanes; the
+// loop's sums run over rows) and acc in the loop's units: the folded rows hold 2^value_pos / CODE_UNIT times the value.
+template <int D, int VB, int NH>
+__device__ __forceinline__ void window_first(const DecodeParams& p, const float* qs, bool fold, TokenRange r,
+                                             const uint8_t* staged, int room, float (&m)[2], float (&l)[2],
+                                             float (&acc)[D / 16][4]) {
+  constexpr int PER = D / 32, NMV = D / 16, UNROLL = WindowBatch<D>::UNROLL;
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int b = blockIdx.z;
+  const bool bf16 = p.is_bf16;
+  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
+  float qf[NH][PER];
 #pragma unroll
   for (int g = 0; g < NH; ++g)
 #pragma unroll
     for (int i = 0; i < PER; ++i) qf[g][i] = qs[g * D + lane * PER + i];
-  for (int t0 = t_lo; t0 < t_hi; t0 += UNROLL) {
-    Words<2 * PER> kw[UNROLL], vw[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {  // past the warp's last token: that token again, masked below
-      const int64_t t = min(t0 + u, t_hi - 1);
-      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wk + t * p.wk_st), kw[u]);
-      load_words<2 * PER>(reinterpret_cast<const uint8_t*>(wv + t * p.wv_st), vw[u]);
-    }
-    float sc[UNROLL][NH], vf[UNROLL][PER];
+  for (int t0 = r.lo; t0 < r.hi; t0 += UNROLL) {
+    WindowBatch<D> w;
+    load_window<D>(p, r, t0, staged, room, w);
+    float sc[UNROLL][NH];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       float kf[PER];
 #pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        kf[i] = to_float(uint16_t(kw[u].w[i / 2] >> (16 * (i % 2))), bf16);
-        vf[u][i] = to_float(uint16_t(vw[u].w[i / 2] >> (16 * (i % 2))), bf16);
-      }
+      for (int i = 0; i < PER; ++i) kf[i] = to_float(uint16_t(w.kw[u].w[i / 2] >> (16 * (i % 2))), bf16);
 #pragma unroll
       for (int g = 0; g < NH; ++g) {
         float dot = 0.f;
@@ -356,31 +421,45 @@ __device__ __forceinline__ void window_part(const DecodeParams& p, const float* 
       for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
         for (int g = 0; g < NH; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
+    float pr[UNROLL][2];  // this lane's heads' probabilities
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const bool valid = t0 + u < t_hi && (!mask || mask[min(t0 + u, t_hi - 1)]);
+    for (int e = 0; e < 2; ++e) {
+      float s[UNROLL], mx = m[e];
 #pragma unroll
-      for (int g = 0; g < NH; ++g) sc[u][g] = valid ? sc[u][g] : -INFINITY;
+      for (int u = 0; u < UNROLL; ++u) {
+        float x = 0.f;  // a head past NH has a zero query
+#pragma unroll
+        for (int g = 0; g < NH; ++g) x = g == 2 * tig + e ? sc[u][g] : x;
+        const bool valid = t0 + u < r.hi && (!mask || mask[min(t0 + u, r.hi - 1)]);
+        s[u] = valid ? x : -INFINITY;
+        mx = fmaxf(mx, s[u]);
+      }
+      const float base = mx == -INFINITY ? 0.f : mx;  // nothing attended yet: exp2(-inf - 0) = 0, not NaN
+      const float alpha = fast_exp2(m[e] - base);
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) { pr[u][e] = fast_exp2(s[u] - base); sum += pr[u][e]; }
+      l[e] = l[e] * alpha + sum;
+      m[e] = mx;
+#pragma unroll
+      for (int mv = 0; mv < NMV; ++mv) { acc[mv][e] *= alpha; acc[mv][e + 2] *= alpha; }
     }
 #pragma unroll
-    for (int g = 0; g < NH; ++g) {
-      float mx = m[g];
+    for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) mx = fmaxf(mx, sc[u][g]);
-      const float base = mx == -INFINITY ? 0.f : mx;  // nothing attended yet: exp2(-inf - 0) = 0, not NaN
-      const float alpha = fast_exp2(m[g] - base);
-      float pr[UNROLL], sum = 0.f;
+      for (int mv = 0; mv < NMV; ++mv) {
+        const uint32_t vv = w.vw[u].w[mv];  // channels 2mv, 2mv + 1 of this lane's slice
+        const float v0 = to_float(uint16_t(vv), bf16), v1 = to_float(uint16_t(vv >> 16), bf16);
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) { pr[u] = fast_exp2(sc[u][g] - base); sum += pr[u]; }
-      l[g] = l[g] * alpha + sum;
-#pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        float acc = o[g][i] * alpha;
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) acc = fmaf(pr[u], vf[u][i], acc);
-        o[g][i] = acc;
+        for (int e = 0; e < 2; ++e) { acc[mv][e] = fmaf(pr[u][e], v0, acc[mv][e]); acc[mv][e + 2] = fmaf(pr[u][e], v1, acc[mv][e + 2]); }
       }
-      m[g] = mx;
+  }
+  if (gid != 0) l[0] = l[1] = 0.f;
+  if (fold) {  // into the loop's units (powers of two: exact)
+#pragma unroll
+    for (int mv = 0; mv < NMV; ++mv) {
+      const float lo = float(1 << value_pos<VB>(mv, false)) / CODE_UNIT, hi = float(1 << value_pos<VB>(mv, true)) / CODE_UNIT;
+      acc[mv][0] *= lo; acc[mv][1] *= lo; acc[mv][2] *= hi; acc[mv][3] *= hi;
     }
   }
 }
@@ -411,6 +490,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   constexpr int NMV = D / 16;                          // value channel tiles (mma m = 16 channels)
   using St = Stage<D, KB, VB>;
   constexpr int MT = TT_MT, CH = St::CH, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per key block
+  stamp_split(0);  // phases of a block (TT_TRACE): 0 start
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
@@ -471,9 +551,17 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
     cp_async_commit();
   };
+  // first out: the query's loads and the window's copies (a few KB), then the first chunks'
+  QueryLoad<D> query;
+  load_query<D>(p, query);
+  const TokenRange wr = window_range(p, warp);
+  uint8_t* window_stage = stages + (TT_STAGES - 1) * St::BYTES;  // free until the loop's first refill
+  constexpr int WINDOW_ROOM = St::BYTES / (4 * D);                // rows of keys and of values it holds
+  copy_window<D>(p, wr, window_stage, WINDOW_ROOM);
 #pragma unroll
-  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);  // the first chunks are on their way while ...
-  stage_query<D>(p, qs);                                          // ... the query is staged
+  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);
+  stage_query<D>(p, query, qs);
+  stamp_split(1);  // 1 query staged
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   uint32_t sink = 0;  // TT_ABLATE == 1 only
@@ -481,6 +569,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
   for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float zsum_part[2] = {0.f, 0.f};  // (fold) this lane's share of sum_t p_t z_t for heads 2tig, 2tig+1 (tokens gid, gid+8)
+  cp_async_wait<TT_STAGES - 1>();  // the window's group (the oldest) has landed ...
+  __syncwarp();                    // ... for every lane; the first chunks are still on their way
+  if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, WINDOW_ROOM, m_run, l_run, acc);
+  else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, WINDOW_ROOM, m_run, l_run, acc);
+  stamp_split(2);  // 2 window attended (warp 0, as the rest)
   uint32_t qh[NP], ql[NP];
   float bias[2] = {0.f, 0.f};
   int cur_tile = -1;
@@ -660,6 +753,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   for (int c = c_begin; c < c_end; ++c) {
     cp_async_wait<TT_STAGES - 2>();  // this lane's copies of chunk c have landed ...
     __syncwarp();                    // ... and every lane's; all lanes are done reading the stage refilled next
+    if (TT_TRACE && c == c_begin) stamp_split(3);  // 3 first chunk landed
     issue(c + TT_STAGES - 1, stage == 0 ? TT_STAGES - 1 : stage - 1);
     const uint8_t* st = stages + stage * St::BYTES;
     Chunk ch;
@@ -685,11 +779,13 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
   }
   cp_async_wait<0>();
+  stamp_split(4);  // 4 loop done
 
   if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)
 
-  // --- one partial per block: this warp's quantized and window parts, then the 4 warps', merged in shared memory ---
+  // --- one partial per block: the 4 warps' states (window and chunks), merged in shared memory ---
   __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
+  stamp_split(5);  // 5 every warp's loop done
   float* o_sh = reinterpret_cast<float*>(shared_raw + query_bytes<D>());
   float* ml_sh = o_sh + WARPS * MAX_HEADS * D;
   float* my_o = o_sh + warp * MAX_HEADS * D;
@@ -709,20 +805,6 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       *reinterpret_cast<float2*>(o + 2 * mv) = make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
     }
   }
-  constexpr int PER = D / 32;
-  float wm[MAX_HEADS], wl[MAX_HEADS], wo[MAX_HEADS][PER];
-  if (GH <= 4) window_part<D, 4>(p, qs, wm, wl, wo);  // after the loop: its registers are free now
-  else window_part<D, MAX_HEADS>(p, qs, wm, wl, wo);
-  __syncwarp();
-#pragma unroll
-  for (int g = 0; g < MAX_HEADS; ++g) {  // add the window part into this warp's slice (lane: channels lane * PER ...)
-    const float mq = my_ml[2 * g], M = fmaxf(mq, wm[g]);
-    const float aq = merge_weight(mq, M), aw = merge_weight(wm[g], M);
-#pragma unroll
-    for (int i = 0; i < PER; ++i) my_o[g * D + lane * PER + i] = my_o[g * D + lane * PER + i] * aq + wo[g][i] * aw;
-    __syncwarp();
-    if (lane == 0) { my_ml[2 * g] = M; my_ml[2 * g + 1] = my_ml[2 * g + 1] * aq + wl[g] * aw; }
-  }
   __syncthreads();
   for (int i = threadIdx.x; i < GH * D; i += WARPS * 32) {  // the block's partial: channel d of head g
     const int g = i / D, d = i % D;
@@ -740,11 +822,13 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     p.o_part[base * D + d] = o;
     if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
+  stamp_split(6);  // 6 partial written
 }
 
 // out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head. Block (b*h, d/32):
 // 32 channels of one head; each warp sums every WARPS-th partial, then the warps' sums are added in shared memory.
 __global__ void combine_kernel(const DecodeParams p) {
+  stamp_combine(0);
   const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = blockIdx.y * 32 + lane;
   const int Hq = p.Hkv * p.G, b = bh / Hq, h = bh % Hq;
   const float* ml = p.ml_part + int64_t(bh) * p.splits * 2;
@@ -777,6 +861,7 @@ __global__ void combine_kernel(const DecodeParams p) {
   const int64_t o_idx = b * p.out_sb + int64_t(h) * p.out_sh + d;
   if (p.out_f32) static_cast<float*>(p.out)[o_idx] = r;
   else static_cast<uint16_t*>(p.out)[o_idx] = from_float(r, p.is_bf16);
+  stamp_combine(1);
 }
 
 #ifndef __CUDACC_RTC__  // the host side: launches (NVRTC compiles only the kernels above, for tools/sass_count.py)
@@ -860,8 +945,20 @@ int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits) {
   return n > 0 ? n : 1;
 }
 
+int64_t decode_trace(int64_t* host) {
+#if TT_TRACE
+  if (cudaMemcpyFromSymbol(host, trace_clocks, sizeof(trace_clocks)) != cudaSuccess) return 0;
+  void* device = nullptr;
+  if (cudaGetSymbolAddress(&device, trace_clocks) != cudaSuccess || cudaMemset(device, 0, sizeof(trace_clocks)) != cudaSuccess) return 0;
+  return 2 * TRACE_SLOTS;
+#else
+  (void)host;
+  return 0;
+#endif
+}
+
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  bool built = false;  // one launch: quantized splits, then window splits (blockIdx.x)
+  bool built = false;
 #if TT_BUILDS(64)
   if (p.D == 64) { dispatch_kb<64>(p, stream); built = true; }
 #endif

@@ -36,9 +36,17 @@ struct DecodeParams {
   int out_f32;
 };
 
+// TT_TRACE builds (benchmarks/trace_kernel.py): the phases of each block of the last launch, slot b * TRACE_SPLIT_EVENTS
+// + e for split block b's phase e, then TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
+constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 8, TRACE_COMBINE_BLOCKS = 16384;
+constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
+
 #ifndef __CUDACC_RTC__
 // How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once.
 int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits);
+
+// TT_TRACE builds: copies both clocks' stamps ([2][TRACE_SLOTS]) into host and clears them; returns how many (0 otherwise).
+int64_t decode_trace(int64_t* host);
 
 // Launches the split kernels and the combine kernel on `stream`; returns the first CUDA error.
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);

@@ -130,7 +130,9 @@ def test_fixed_window_length_is_read_on_the_device():
 
 
 def test_generation_matches_pytorch_path():
-    "Greedy decoding through the kernel gives the PyTorch path's tokens; logits agree to fp16 noise."
+    """Fed the same tokens, decode steps through the kernel give the PyTorch path's logits to fp16 noise; generating
+    freely, they choose the same greedy tokens, up to a step where the PyTorch path's top two logits are closer than
+    that noise (a tie the rounding may break either way; after it the sequences differ)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from tiny_turboquant.cache import TinyKVCache
     torch.manual_seed(0)
@@ -138,16 +140,30 @@ def test_generation_matches_pytorch_path():
                       num_hidden_layers=3, vocab_size=1000, head_dim=64)
     model = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
     with torch.no_grad(): model.lm_head.weight.mul_(10)  # random logits are flat; sharpen them so argmax ties are rare
-    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    prompt, steps = 300, 100
+    ids = torch.randint(0, 1000, (2, prompt), device="cuda")
     def greedy(fused):
-        cache = TinyKVCache.for_model(model, fused_attention=fused)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=100, min_new_tokens=100, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.scores).float()
+        out = model.generate(ids, past_key_values=TinyKVCache.for_model(model, fused_attention=fused), do_sample=False,
+                             max_new_tokens=steps, min_new_tokens=steps, output_scores=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores, 1).float()
     t_plain, s_plain = greedy(False)
-    t_fused, s_fused = greedy(True)
-    model.set_attn_implementation("sdpa")
-    finite = s_plain.isfinite()
-    diff = (s_fused[finite] - s_plain[finite]).abs().max().item()
-    assert diff < 2e-2 * s_plain[finite].abs().max().item(), diff
-    assert torch.equal(t_fused, t_plain)
+    s_forced = forced_logits(model, TinyKVCache.for_model(model, fused_attention=True), t_plain, prompt)
+    finite = s_plain.isfinite()  # (min_new_tokens masks the end-of-text token)
+    noise = (s_forced[finite] - s_plain[finite]).abs().max().item()
+    assert noise < 2e-2 * s_plain[finite].abs().max().item(), noise
+    t_fused, _ = greedy(True)
+    top2 = s_plain.topk(2, dim=-1).values
+    margin = top2[..., 0] - top2[..., 1]  # [B, steps]
+    for b in range(len(ids)):
+        differ = (t_fused[b, prompt:] != t_plain[b, prompt:]).nonzero()
+        if len(differ): assert margin[b, differ[0, 0]] <= 2 * noise, (b, differ[0, 0].item(), margin[b, differ[0, 0]].item(), noise)
+    assert (margin > 2 * noise).float().mean() > 0.9  # the check above has teeth: most steps are no ties
+
+
+@torch.no_grad()
+def forced_logits(model, cache, tokens, prompt):
+    "The next-token logits `[B, steps, vocab]` after each of `tokens[:, prompt - 1:-1]`, one decode step at a time."
+    logits = [model(tokens[:, :prompt], past_key_values=cache).logits[:, -1]]
+    for t in range(prompt, tokens.shape[1] - 1):
+        logits.append(model(tokens[:, t:t + 1], past_key_values=cache).logits[:, -1])
+    return torch.stack(logits, 1).float()

@@ -1,0 +1,91 @@
+"""Where one call of the fused decode kernel spends its time: the phases of every thread block, stamped on the GPU.
+
+    python benchmarks/trace_kernel.py                     # writes benchmarks/results/kernel_h200_trace.json
+
+Builds the kernel with TT_TRACE=1: thread 0 of each block of the split kernel stamps %globaltimer (nanoseconds, one
+clock for every multiprocessor) and clock64 (the multiprocessor's cycles) at its start (0), once the query is staged
+(1), after the window (2), when its warp's first chunk has landed (3), when its warp's loop is done (4), when every warp's
+is (5) and when the block's partial is written (6); each block of the combine kernel stamps its start and end. One
+eager call after warm-up, on random data (bench_kernel.random_history). Times are microseconds from the first block's
+start: when blocks start, when the phases end (medians and maxima over blocks), and each phase's length per block from
+clock64 (the stamps cost a few instructions: 560 instead of 548 per chunk in the main loop, no spills, by
+tools/sass_count.py -D TT_TRACE=1).
+"""
+import argparse, datetime, json
+from pathlib import Path
+import torch
+from tiny_turboquant.kernel import build_kernel, fused_decode_attention
+from bench_kernel import SHAPES, random_history
+
+PHASES = ["start", "query staged", "window", "first chunk landed", "loop done (warp 0)", "loop done (all warps)",
+          "partial written"]
+SPLIT_BLOCKS, SPLIT_EVENTS = 4096, 8  # cuda/decode_attention.h: TRACE_SPLIT_BLOCKS, TRACE_SPLIT_EVENTS
+
+
+def quantiles(x):
+    x = x.double()
+    return {"min": x.min().item(), "median": x.median().item(), "p90": x.quantile(0.9).item(), "max": x.max().item()}
+
+
+def trace_one(shape, B, context, defines, reps=3):
+    "The phase stamps of one call (after `reps` warm-up calls), as microseconds, summarised over blocks."
+    Hq, Hkv, D = SHAPES[shape]
+    h = random_history(B, Hkv, D, context, 4, 4)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+    ext = build_kernel(defines=defines)
+    for _ in range(reps): fused_decode_attention(q, h, defines=defines)
+    torch.cuda.synchronize(); ext.trace()
+    fused_decode_attention(q, h, defines=defines)
+    torch.cuda.synchronize()
+    clocks = ext.trace()
+    if clocks is None: raise RuntimeError("the kernel was not built with TT_TRACE=1")
+    ns, cycles = clocks[0], clocks[1]
+    split_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
+    split_cy = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
+    comb = ns[SPLIT_BLOCKS * SPLIT_EVENTS:].view(-1, 2)
+    used = split_ns[:, 0] > 0
+    split_ns, split_cy, comb = split_ns[used], split_cy[used], comb[comb[:, 0] > 0]
+    # a block with no chunk of its own stamps no "first chunk landed": take its window's end
+    split_ns[:, 3] = torch.where(split_ns[:, 3] > 0, split_ns[:, 3], split_ns[:, 2])
+    split_cy[:, 3] = torch.where(split_cy[:, 3] > 0, split_cy[:, 3], split_cy[:, 2])
+    t0 = split_ns[:, 0].min()
+    us = lambda t: (t - t0).double() / 1e3
+    phase_us = {PHASES[e]: quantiles(us(split_ns[:, e])) for e in range(len(PHASES))}
+    lengths = {f"{PHASES[e - 1]} -> {PHASES[e]}": quantiles((split_ns[:, e] - split_ns[:, e - 1]).double() / 1e3)
+               for e in range(1, len(PHASES))}
+    cycle_lengths = {f"{PHASES[e - 1]} -> {PHASES[e]}": quantiles((split_cy[:, e] - split_cy[:, e - 1]).double())
+                     for e in range(1, len(PHASES))}
+    return dict(shape=shape, batch=B, context=context, split_blocks=int(used.sum()), combine_blocks=len(comb),
+                split_end_us=us(split_ns[:, 6].max()).item(), combine_start_us=quantiles(us(comb[:, 0])),
+                combine_end_us=us(comb[:, 1].max()).item(), phase_end_us=phase_us, phase_length_us=lengths,
+                phase_length_cycles=cycle_lengths)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200_trace.json"))
+    ap.add_argument("--define", action="append", default=[], help="another kernel macro, e.g. TT_STAGES=4")
+    args = ap.parse_args()
+    defines = ("TT_TRACE=1", "TT_ONLY_HEAD_DIM=128", *args.define)
+    configs = [("llama3-8b", 1, 16384), ("llama3-8b", 8, 16384), ("llama3-8b", 8, 65536), ("llama3-8b", 32, 16384),
+               ("qwen2.5-7b", 8, 16384)]
+    rows = []
+    for shape, B, ctx in configs:
+        r = trace_one(shape, B, ctx, defines)
+        rows.append(r)
+        med = lambda name: r["phase_end_us"][name]["median"]
+        print(f"{shape:11} B={B:2} ctx={ctx:6}: {r['split_blocks']} blocks; starts {r['phase_end_us']['start']['median']:.1f}"
+              f"/{r['phase_end_us']['start']['max']:.1f} us (median/max), query {med('query staged'):.1f}, window {med('window'):.1f}, "
+              f"first chunk {med('first chunk landed'):.1f}, loop done {med('loop done (all warps)'):.1f}"
+              f"/{r['phase_end_us']['loop done (all warps)']['max']:.1f}, partial {med('partial written'):.1f}"
+              f"/{r['split_end_us']:.1f}; combine {r['combine_start_us']['min']:.1f}-{r['combine_end_us']:.1f} us", flush=True)
+    result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, defines=list(defines),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), phases=PHASES, calls=rows,
+                  notes="microseconds from the first split block's start; phase_end_us: when each block reached the phase "
+                        "(over blocks); phase_length_*: per block, between consecutive phases")
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
