@@ -84,7 +84,7 @@ def _decode(self:GraphDecoder, ids, steps, eos_token_id=None):
         raise ValueError(f"a CUDA graph cannot replay this cache's decode step: {reason}")
     dev = hs[0].window_keys.device
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=dev).flatten()
-    w, cap = hs[0].window_tokens, hs[0].residual_length + hs[0].block_size
+    w, cap = hs[0].window_tokens, hs[0].window_capacity
     for h in hs: h.reserve(h.tokens + steps - h.residual_length)  # no flush will copy the store to grow it
     self.ids, self.tokens = ids.to(dev).clone(), torch.zeros(B, steps, dtype=torch.long, device=dev)
     self.counters = torch.tensor([0, 0, self.cache.get_seq_length(), 0], device=dev)  # slot, length, position, output

@@ -78,12 +78,7 @@ def kernel_supports(history:CompressedKV, query):
 
 def _empty_store(h:CompressedKV):
     "Zero-token stand-ins for the quantized tensors of a history that has only a window."
-    B, H, _, D = h.window_keys.shape
-    dev, meta = h.window_keys.device, h.window_keys.dtype
-    codes = lambda bits: torch.empty(B, H, 0, D * bits // 8, dtype=torch.uint8, device=dev)
-    scale = lambda groups: torch.empty(B, H, 0, groups, dtype=meta, device=dev)
-    groups = 1 if h.value_group_size is None else D // h.value_group_size
-    return codes(h.key_bits), scale(D), scale(D), codes(h.value_bits), scale(groups), scale(groups)
+    return tuple(torch.empty(shape, dtype=dtype, device=h.window_keys.device) for shape, dtype in h.store_shapes(0).values())
 
 # kernel variant macros for every call, e.g. "TT_STAGES=4" (benchmarks compare variants; the defaults are the fastest)
 KERNEL_DEFINES = tuple(os.environ.get("TINY_TURBOQUANT_KERNEL_DEFINES", "").split())

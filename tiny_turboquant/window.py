@@ -38,6 +38,8 @@ class CompressedKV:
     def window_tokens(self): return 0 if self.window_keys is None else self.window_keys.shape[2]
     @property
     def tokens(self): return self.quantized_tokens + self.window_tokens
+    @property
+    def window_capacity(self): return self.residual_length + self.block_size  # the step that fills it flushes a block
 
     def __repr__(self):
         return (f"CompressedKV(K{self.key_bits}/V{self.value_bits}, {self.quantized_tokens} quantized + "
@@ -176,7 +178,7 @@ def _fix_window(self:CompressedKV, slot, length, capacity=None):
     "Give the window storage for `capacity` tokens (default: the most it holds before a flush) and the device counters `slot`, `length`."
     if self.window_keys is None: raise ValueError("the history is empty: prefill it before fixing its window")
     if self.fixed is not None: raise ValueError("the window is fixed already; release_window() first")
-    cap = self.residual_length + self.block_size if capacity is None else capacity
+    cap = self.window_capacity if capacity is None else capacity
     n = self.window_tokens
     if not n < cap: raise ValueError(f"the window holds {n} tokens and a fixed one of capacity {cap} needs room for one more; flush_due() first")
     for t in (slot, length):
@@ -213,28 +215,31 @@ CompressedKV.fix_window, CompressedKV.write_fixed, CompressedKV.advance_fixed, C
     _fix_window, _write_fixed, _advance_fixed, _release_window
 
 # %% ../nbs/02_residual_window.ipynb #714eeb5d
+def _store_shapes(self:CompressedKV, tokens):
+    "Shape and dtype of each quantized tensor holding `tokens` tokens (whole blocks), for the window's rows, heads and dtype."
+    B, H, _, D = self.window_keys.shape
+    meta, blocks = self.window_keys.dtype, tokens // self.block_size
+    groups = 1 if self.value_group_size is None else D // self.value_group_size
+    return dict(key_codes=((B, H, tokens, D * self.key_bits // 8), torch.uint8), key_scale=((B, H, blocks, D), meta),
+                key_zero=((B, H, blocks, D), meta), value_codes=((B, H, tokens, D * self.value_bits // 8), torch.uint8),
+                value_scale=((B, H, tokens, groups), meta), value_zero=((B, H, tokens, groups), meta))
+
 def _reserve(self:CompressedKV, tokens):
     "On CUDA, make room for `tokens` quantized tokens now, so that flushes up to there write in place and never copy the store."
     w = self.window_keys
     if w is None or not w.is_cuda: return self
-    B, H, _, D = w.shape
-    n = -(-tokens // self.block_size) * self.block_size
-    groups = 1 if self.value_group_size is None else D // self.value_group_size
-    rows = dict(key_codes=(n, D * self.key_bits // 8, torch.uint8), key_scale=(n // self.block_size, D, w.dtype),
-                key_zero=(n // self.block_size, D, w.dtype), value_codes=(n, D * self.value_bits // 8, torch.uint8),
-                value_scale=(n, groups, w.dtype), value_zero=(n, groups, w.dtype))
-    for name, (rows_needed, width, dtype) in rows.items():
+    for name, (shape, dtype) in self.store_shapes(-(-tokens // self.block_size) * self.block_size).items():
         old, buf = getattr(self, name), self._spare.get(name)
         have = 0 if old is None else old.shape[2]
         room = buf.shape[2] if _front_of(old, buf) else have
-        if room >= rows_needed: continue
-        buf = torch.empty(B, H, rows_needed, width, dtype=dtype, device=w.device)
+        if room >= shape[2]: continue
+        buf = torch.empty(shape, dtype=dtype, device=w.device)
         if have: buf[:, :, :have] = old
         self._spare[name] = buf
         setattr(self, name, buf[:, :, :have])
     return self
 
-CompressedKV.reserve = _reserve
+CompressedKV.store_shapes, CompressedKV.reserve = _store_shapes, _reserve
 
 # %% ../nbs/02_residual_window.ipynb #1fb9ae67
 def storage_bytes(tensors):
