@@ -4,6 +4,7 @@ import torch
 from tiny_turboquant.cache import TinyKVCache
 from tiny_turboquant.graphs import GraphDecoder
 from tiny_turboquant.models import tiny_model
+from forced import forced_logits
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -35,17 +36,11 @@ def test_replayed_steps_give_the_eager_tokens(arch, kwargs, batch, prompt):
     assert (gap == 0).float().mean() > 0.95
 
 
-@torch.no_grad()
 def teacher_forced_gaps(model, tokens, prompt):
     "How far below the top logit each chosen token's logit is, over ordinary fused decode steps; and the largest logit."
-    cache = TinyKVCache.for_model(model)
-    logits = model(tokens[:, :prompt], past_key_values=cache).logits[:, -1].float()
-    gaps, top = [], 0.0
-    for t in range(prompt, tokens.shape[1]):
-        gaps.append(logits.max(-1).values - logits.gather(1, tokens[:, t:t + 1])[:, 0])
-        top = max(top, logits.abs().max().item())
-        logits = model(tokens[:, t:t + 1], past_key_values=cache).logits[:, -1].float()
-    return torch.stack(gaps, 1), top
+    logits = forced_logits(model, TinyKVCache.for_model(model), tokens, prompt)
+    gaps = logits.max(-1).values - logits.gather(2, tokens[:, prompt:, None])[..., 0]
+    return gaps, logits.abs().max().item()
 
 
 def test_replay_refuses_what_it_cannot_replay():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tiny_turboquant.window import CompressedKV
 from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports
+from forced import forced_logits
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TOLERANCE = 2e-3
@@ -159,11 +160,3 @@ def test_generation_matches_pytorch_path():
         if len(differ): assert margin[b, differ[0, 0]] <= 2 * noise, (b, differ[0, 0].item(), margin[b, differ[0, 0]].item(), noise)
     assert (margin > 2 * noise).float().mean() > 0.9  # the check above has teeth: most steps are no ties
 
-
-@torch.no_grad()
-def forced_logits(model, cache, tokens, prompt):
-    "The next-token logits `[B, steps, vocab]` after each of `tokens[:, prompt - 1:-1]`, one decode step at a time."
-    logits = [model(tokens[:, :prompt], past_key_values=cache).logits[:, -1]]
-    for t in range(prompt, tokens.shape[1] - 1):
-        logits.append(model(tokens[:, t:t + 1], past_key_values=cache).logits[:, -1])
-    return torch.stack(logits, 1).float()
