@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tiny_turboquant.window import CompressedKV
-from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, build_kernel, deterministic_schedule
+from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, build_kernel
 from tiny_turboquant.eval import peer_unavailable
 
 SHAPES = {"llama3-8b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128)}
@@ -121,9 +121,6 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), 
         err = rel_err(out)
     t_ours_eager = median_us(attend, reps)
     t_ours = per_layer_us(attend_all(defines), reps)
-    with deterministic_schedule():  # each warp a fixed share of the work (what torch.use_deterministic_algorithms gets)
-        t_fixed = per_layer_us(attend_all(defines), reps)
-        fixed_err = rel_err(attend()) if ref is not None else None
     ours_bytes = h.nbytes() + 2 * q.numel() * q.element_size()
     timed_variants = {}
     for name, vdefs in variants:
@@ -160,11 +157,11 @@ def bench_one(shape, B, context, bits, reps, copy_bw, with_dequant, defines=(), 
     fp16_bytes = 2 * B * Hkv * context * D * 2 + 2 * q.numel() * q.element_size()
     row = dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", heads=f"{Hq}/{Hkv}", head_dim=D,
                layers=n_layers, sdpa_layers=sdpa_layers,
-               ours_us=t_ours, ours_eager_us=t_ours_eager, ours_deterministic_us=t_fixed, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq, quanto_us=t_quanto,
+               ours_us=t_ours, ours_eager_us=t_ours_eager, sdpa_us=t_sdpa, sdpa_gqa_us=t_gqa, sdpa_packed_us=t_packed, dequant_sdpa_us=t_deq, quanto_us=t_quanto,
                speedup_vs_sdpa=t_sdpa / t_ours, ours_bytes=ours_bytes, fp16_bytes=fp16_bytes,
                ours_GBps=ours_bytes / t_ours / 1e3, sdpa_GBps=fp16_bytes / t_sdpa / 1e3,
                fraction_of_copy=ours_bytes / t_ours / 1e3 / copy_bw, sdpa_fraction_of_copy=fp16_bytes / t_sdpa / 1e3 / copy_bw,
-               max_rel_error=err, deterministic_speedup_vs_sdpa=t_sdpa / t_fixed, deterministic_max_rel_error=fixed_err,
+               max_rel_error=err,
                variants=timed_variants)
     del h
     torch.cuda.empty_cache()
@@ -221,7 +218,7 @@ def main():
                       defines=args.define, variants=variants)
         rows.append(r)
         print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
-              f"{r['fraction_of_copy']:.2f} of copy; eager {r['ours_eager_us']:6.1f}; deterministic {r['ours_deterministic_us']:6.1f}), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
+              f"{r['fraction_of_copy']:.2f} of copy; eager {r['ours_eager_us']:6.1f}), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"
               + (f", dequant+SDPA {r['dequant_sdpa_us']:8.1f} us" if r["dequant_sdpa_us"] else "")
               + (f", quanto QuantizedCache {r['quanto_us']:8.1f} us" if r["quanto_us"] else "")
               + (f", err {r['max_rel_error']:.1e}" if r["max_rel_error"] is not None else "")

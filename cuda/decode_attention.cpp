@@ -2,8 +2,6 @@
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <mutex>
-#include <unordered_map>
 #include "decode_attention.h"
 
 namespace {
@@ -30,21 +28,6 @@ at::Tensor aligned(const at::Tensor& t) {
   bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d < 2 && d + 1 < t.dim(); ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * esize) % 16 == 0);
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // (contiguous() would hand back a contiguous misaligned t)
-}
-
-at::TensorOptions f32_of(const at::Tensor& t) { return t.options().dtype(at::kFloat); }
-
-// Which of the kernel's SCHEDULE_SLOTS sets of row counters a launch on `stream` uses: the first streams seen get
-// their own, later ones share (two launches at once on streams that share a set would mix their counts).
-int stream_slot(cudaStream_t stream) {
-  static std::mutex lock;
-  static std::unordered_map<cudaStream_t, int> slots;
-  const std::lock_guard<std::mutex> hold(lock);
-  const auto it = slots.find(stream);
-  if (it != slots.end()) return it->second;
-  const int slot = int(slots.size() % SCHEDULE_SLOTS);
-  slots.emplace(stream, slot);
-  return slot;
 }
 
 }  // namespace
@@ -103,6 +86,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   }
 
   const at::cuda::CUDAGuard guard(dev);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // cached by torch
+  static int occupancy[3][3][3] = {};  // blocks per SM for each (head_dim, key_bits, value_bits); asked once
+  int& occ = occupancy[D == 64 ? 0 : D == 128 ? 1 : 2][key_bits - 2][value_bits - 2];
+  if (occ == 0) occ = decode_blocks_per_sm(int(D), int(key_bits), int(value_bits));
   DecodeParams p{};
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
   p.kc = key_codes.data_ptr<uint8_t>(); p.kc_sb = key_codes.stride(0); p.kc_sh = key_codes.stride(1);
@@ -120,42 +107,33 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.B = B; p.Hkv = Hkv; p.G = Hq / Hkv; p.D = D; p.key_bits = key_bits; p.value_bits = value_bits;
   p.nq = nq; p.nw = nw;
   p.head_groups = (p.G + 7) / 8;
+  // split-K: pick the number of splits per (row, head group) so that the blocks fill whole waves of the GPU (at least
+  // 90% of the resident slots busy), with at least 2 key blocks per split so every warp has a few chunks to pipeline;
+  // every split also takes a share of the window, so no block is left with the window alone
+  const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
+  const int64_t resident = int64_t(sms) * occ;
+  const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64});
+  int64_t splits = 1; double best_eff = 0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
+    const double eff = double(blocks) / double(waves * resident);
+    if (eff > best_eff + 1e-9) { splits = s; best_eff = eff; }
+    if (eff >= 0.9) break;
+  }
+  p.splits = splits;
+  p.tiles_per_split = (ntiles + splits - 1) / splits;
+  p.window_per_split = (nw + splits - 1) / splits;
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
+  auto f32 = q.options().dtype(at::kFloat);
+  // one partial per block: its warps and its share of the window are merged in shared memory first
+  at::Tensor o_part = at::empty({B, Hq, p.splits, D}, f32), ml_part = at::empty({B, Hq, p.splits, 2}, f32);
+  at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
   p.out_f32 = float_output;
-  at::Tensor out = at::empty({B, Hq, D}, float_output ? f32_of(q) : q.options());
+  p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();
   p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sh = out.stride(1);
-  // the kernel's row counters hold SCHEDULE_ROWS rows: a bigger batch goes in slices, one after another on the stream
-  const int64_t rows_per_sequence = Hkv * p.head_groups;
-  TORCH_CHECK(rows_per_sequence <= SCHEDULE_ROWS, "decode_attention: kv heads * ceil(query heads per kv head / 8) must be at most ",
-              SCHEDULE_ROWS, ", got ", rows_per_sequence);
-  const int64_t slice = std::min<int64_t>(B, SCHEDULE_ROWS / rows_per_sequence);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // torch.use_deterministic_algorithms(True): a fixed share of the work per warp, the same sums every call
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const int slot = stream_slot(stream);
-  for (int64_t b0 = 0; b0 < B; b0 += slice) {
-    DecodeParams ps = p;
-    ps.B = int(std::min(slice, B - b0));
-    const char* unplanned = plan_decode_attention(ps, deterministic, slot);
-    TORCH_CHECK(unplanned == nullptr, "decode_attention: ", unplanned ? unplanned : "");
-    // one partial per block: its warps and its share of the window are merged in shared memory first
-    at::Tensor o_part = at::empty({ps.B, Hq, ps.splits, D}, f32_of(q)), ml_part = at::empty({ps.B, Hq, ps.splits, 2}, f32_of(q));
-    ps.o_part = o_part.data_ptr<float>(); ps.ml_part = ml_part.data_ptr<float>();
-    if (b0 > 0) {  // the slice's rows: every batch-strided pointer moves on b0 rows
-      auto at16 = [&](const void* base, int64_t stride) { return static_cast<const void*>(static_cast<const uint16_t*>(base) + b0 * stride); };
-      ps.q = at16(p.q, p.q_sb);
-      if (nq > 0) {
-        ps.kc = p.kc + b0 * p.kc_sb; ps.vc = p.vc + b0 * p.vc_sb;
-        ps.ks = at16(p.ks, p.km_sb); ps.kz = at16(p.kz, p.km_sb); ps.vs = at16(p.vs, p.vm_sb); ps.vz = at16(p.vz, p.vm_sb);
-      }
-      ps.wk = at16(p.wk, p.wk_sb); ps.wv = at16(p.wv, p.wv_sb);
-      if (p.mask) ps.mask = p.mask + b0 * p.mask_sb;
-      ps.out = static_cast<uint8_t*>(p.out) + b0 * p.out_sb * out.element_size();
-    }
-    const cudaError_t err = launch_decode_attention(ps, stream);
-    TORCH_CHECK(err == cudaSuccess, "decode_attention kernel launch failed: ", cudaGetErrorString(err));
-  }
+  const cudaError_t err = launch_decode_attention(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "decode_attention kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
 

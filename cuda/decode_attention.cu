@@ -1,17 +1,13 @@
 // Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
 //
-// One launch of `quantized_kernel`, grid (row, split). A block has 4 warps. The `splits`
-// blocks of a row (batch row, kv head, head group) share its quantized 32-token chunks out in work units (a 128-token
-// key block, or part of one where a row has few): each warp takes its first units in turn, then asks the row's counter
-// for the next one, so a warp that streams faster does more of the row (a fixed share per block left the last blocks
-// finishing up to 25 us after the median; under torch.use_deterministic_algorithms each warp keeps a fixed run of
-// chunks, so the sums come out the same every time). Split s also takes a share of the full-precision window. Each warp
-// first attends its quarter of that share (copied into its last stage ahead of its first chunks), then walks its
-// chunks, going on with the same online-softmax state (the main loop has no block barrier), copying them into its own
-// shared-memory stages with cp.async TT_STAGES - 1 chunks ahead of the one it computes (codes, the value scales and
-// zeros, and each key block's scale and zero rows) and reading the mma fragments from there. The block merges its
-// warps' states (running max m, sum l, unnormalised output o) in shared memory into one partial per split;
-// `combine_kernel` merges those (and sets the row counters back for the next launch).
+// One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
+// warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window. Each warp first
+// attends its quarter of that share (copied into its last stage ahead of its first chunks), then walks its quarter of
+// the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
+// copying them into its own shared-memory stages with cp.async TT_STAGES - 1 chunks ahead of the one it computes
+// (codes, the value scales and zeros, and each key block's scale and zero rows) and reading the mma fragments from
+// there. The block merges its warps' states (running max m, sum l, unnormalised output o) in shared memory into one
+// partial per split; `combine_kernel` merges those.
 // The host picks the number of splits so that the grid is one whole wave of resident blocks where it can.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
@@ -55,12 +51,6 @@ namespace {
 #ifndef TT_TRACE
 #define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
 #endif
-#ifndef TT_UNITS_PER_WARP
-#define TT_UNITS_PER_WARP 4  // work units are 128-token key blocks, halved (down to one chunk) until each warp of a row
-#endif                       // has at least this many (a unit that starts another key block folds its scales again)
-#ifndef TT_WAVES
-#define TT_WAVES 1     // the least number of waves of resident blocks the host sizes the grid for
-#endif
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
@@ -69,15 +59,7 @@ constexpr int WARPS = 4;         // warps per block of the split kernel
 #if TT_TRACE
 __device__ unsigned long long trace_clocks[2][TRACE_SLOTS];  // [%globaltimer (ns, one clock for all SMs), clock64][slot]
 #endif
-__device__ int schedule_counters[SCHEDULE_SLOTS][SCHEDULE_ROWS];  // see DecodeParams::schedule
 __device__ __forceinline__ int block_index() { return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); }
-// The split kernel's grid is (row, split), rows fastest: a row's splits start far apart and spread over the GPU, so
-// its counter evens out faster and slower multiprocessors. A row is (batch row, kv head, head group), numbered
-// (b * Hkv + kv head) * head_groups + head group.
-__device__ __forceinline__ int row_index() { return blockIdx.x; }
-__device__ __forceinline__ int split_index() { return blockIdx.y; }
-__device__ __forceinline__ int row_batch(const DecodeParams& p) { return blockIdx.x / (p.Hkv * p.head_groups); }
-__device__ __forceinline__ int row_group(const DecodeParams& p) { return blockIdx.x % (p.Hkv * p.head_groups); }  // kv head * head_groups + group
 __device__ __forceinline__ void stamp(int slot) {  // thread 0 of the block (TT_TRACE builds)
 #if TT_TRACE
   if (threadIdx.x != 0) return;
@@ -179,13 +161,6 @@ __device__ __forceinline__ void load_words(const uint8_t* __restrict__ p, Words<
   }
 }
 
-// *p += v, returning the old value. In PTX so that the compiler keeps it one lane's request: its own atomicAdd from
-// one lane turns into a warp-wide one whose result is shuffled at once, and the warp waits a round trip for it.
-__device__ __forceinline__ int atomic_add(int* p, int v) {
-  int old;
-  asm volatile("atom.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
@@ -321,7 +296,7 @@ template <int D> struct QueryLoad {
 };
 template <int D>
 __device__ __forceinline__ void load_query(const DecodeParams& p, QueryLoad<D>& ql) {
-  const int b = row_batch(p), hkv = row_group(p) / p.head_groups, h0 = (row_group(p) % p.head_groups) * MAX_HEADS;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0) * p.q_sh;
 #pragma unroll
@@ -352,7 +327,7 @@ struct TokenRange { int lo, hi; };
 __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int warp) {
   const int nw = p.window_length ? int(min(*p.window_length, int64_t(p.nw))) : p.nw;
   const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
-  const int s_lo = split_index() * p.window_per_split, s_hi = min(nw, s_lo + p.window_per_split);
+  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(nw, s_lo + p.window_per_split);
   const int lo = s_lo + warp * per_warp;
   return {lo, min(s_hi, lo + per_warp)};
 }
@@ -364,7 +339,7 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
 // after the chunks' copies, between 1.8 us sooner and 2.6 us later on five shapes.)
 template <int D>
 __device__ __forceinline__ const uint16_t* window_row(const DecodeParams& p, bool values, int64_t t) {  // row t's start
-  const int b = row_batch(p), hkv = row_group(p) / p.head_groups;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
   return values ? static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + t * p.wv_st
                 : static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + t * p.wk_st;
 }
@@ -415,7 +390,7 @@ __device__ __forceinline__ void window_first(const DecodeParams& p, const float*
                                              float (&acc)[D / 16][4]) {
   constexpr int PER = D / 32, NMV = D / 16, UNROLL = WindowBatch<D>::UNROLL;
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  const int b = row_batch(p);
+  const int b = blockIdx.z;
   const bool bf16 = p.is_bf16;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
   float qf[NH][PER];
@@ -517,15 +492,20 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   constexpr int MT = TT_MT, CH = St::CH, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per key block
   stamp_split(0);  // phases of a block (TT_TRACE): 0 start
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
-  const int b = row_batch(p), hkv = row_group(p) / p.head_groups, h0 = (row_group(p) % p.head_groups) * MAX_HEADS;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
+  const int ntiles = p.nq / TILE;
+  const int t_begin = blockIdx.x * p.tiles_per_split, t_end = min(ntiles, t_begin + p.tiles_per_split);
+  const int nc = max(t_end - t_begin, 0) * CPT;
+  const int c_begin = t_begin * CPT + nc * warp / WARPS, c_end = t_begin * CPT + nc * (warp + 1) / WARPS;
 
-  // Where this row's codes, key scales and zeros, value scales and zeros start, in shared memory: the copies read them
-  // there (kept in registers they crowd the loop; recomputed from the strides they cost ~25 multiplies per chunk).
-  // One copy per warp, so no block barrier is needed before the first copies.
-  enum { KEY_CODES, VALUE_CODES, KEY_SCALES, KEY_ZEROS, VALUE_SCALES, VALUE_ZEROS };
-  __shared__ const uint8_t* row_data[WARPS][6];
+  const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;
+  const uint16_t* ks = static_cast<const uint16_t*>(p.ks) + b * p.km_sb + hkv * p.km_sh;
+  const uint16_t* kz = static_cast<const uint16_t*>(p.kz) + b * p.km_sb + hkv * p.km_sh;
+  const uint8_t* vc = p.vc + b * p.vc_sb + hkv * p.vc_sh;
+  const uint16_t* vs = static_cast<const uint16_t*>(p.vs) + b * p.vm_sb + hkv * p.vm_sh;
+  const uint16_t* vz = static_cast<const uint16_t*>(p.vz) + b * p.vm_sb + hkv * p.vm_sh;
   const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
   const int vgroups = p.vgroups, vgroup = (gid * SEGV) / (D / vgroups);  // the host checks a lane's slice is in one group
   const bool fold = TT_FOLD && VB != 3 && vgroups == 1;  // value scale folded into the probabilities
@@ -539,43 +519,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // where this lane's 16-byte units land: unit lane + 32i lands 512i bytes after unit lane (the swizzle reads bits 3-4)
   const int key_dst = St::KEYS + swizzled_unit<St::KR>(lane) * 16, value_dst = St::VALUES + swizzled_unit<St::VR>(lane) * 16;
   const int meta_units = CH * vgroups / 8;  // 16-byte units of a chunk's value scales (as many of its zeros)
-  // This warp's work units (DecodeParams::units). Lane 0 holds the unit after the one being copied: the counter's
-  // answer travels while that unit's chunks are issued. (Few live registers: the rest is re-read from the parameters.)
-  const int nchunks = p.units << p.unit_shift;
-  int taken = 0;               // units this warp has asked for
-  int ahead = 0;               // the next unit: a static one, or (lane 0) the counter's answer less dynamic_base
-  bool ahead_counted = false;  // ... which of the two
-  auto take_unit = [&]() {     // every lane (only lane 0 asks the counter): `units` or more means none left
-    const int mine = (split_index() * WARPS + warp) * p.static_units + taken;
-    const bool fixed = taken++ < p.static_units && mine < p.units;
-    ahead = fixed ? mine : p.units;
-    ahead_counted = !fixed && p.dynamic;
-    if (ahead_counted && lane == 0) ahead = atomic_add(p.schedule + row_index(), 1);  // read a unit later
-  };
-  take_unit();
-  int next_chunk = 0;  // the chunk after the last one copied; at a unit's end (and at first) the next unit starts
-  // Copies the warp's next chunk into `stage`, returns its index (-1: none left). Always commits a group (empty past
-  // the end) so the wait counts stay uniform.
-  auto issue = [&](int stage) -> int {
-    int c = next_chunk;
-    if ((c & ((1 << p.unit_shift) - 1)) == 0) {  // on to the next unit, and ask for the one after it
-      const int u = min(p.units, ahead_counted ? p.dynamic_base + __shfl_sync(0xffffffffu, ahead, 0) : ahead);
-      if (u < p.units) take_unit();
-      c = u << p.unit_shift;
-    }
-    if (c >= nchunks) {
-      next_chunk = c;
-      cp_async_commit();
-      return -1;
-    }
-    // a chunk that starts a key block, or does not follow the warp's previous chunk, brings the key block's scale and zero rows
-    const bool key_rows = c % CPT == 0 || c != next_chunk;
-    next_chunk = c + 1;
-    {
+  auto issue = [&](int c, int stage) {  // always commits a group (empty past the end) so the wait counts stay uniform
+    if (c < c_end) {
       uint8_t* dst = stages + stage * St::BYTES;
-      const uint8_t* const* data = row_data[warp];
-      const uint8_t* ksrc = data[KEY_CODES] + int64_t(c) * St::VALUES + lane * 16;  // CH * KR bytes per chunk
-      const uint8_t* vsrc = data[VALUE_CODES] + int64_t(c) * (St::KSCALE - St::VALUES) + lane * 16;
+      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES + lane * 16;  // CH * KR bytes per chunk
+      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES) + lane * 16;
       constexpr int KU = St::VALUES / 16, VU = (St::KSCALE - St::VALUES) / 16;
 #pragma unroll
       for (int i = 0; i < (KU + 31) / 32; ++i)
@@ -586,24 +534,22 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       auto meta_unit = [&](int i) {  // unit i of the chunk's value scales, then of its zeros
         const bool zero = i >= meta_units;
         const int u = zero ? i - meta_units : i;
-        cp_async16(dst + (zero ? St::VZERO : St::VSCALE) + u * 16,
-                   data[zero ? VALUE_ZEROS : VALUE_SCALES] + (int64_t(c) * CH * vgroups + u * 8) * 2);
+        cp_async16(dst + (zero ? St::VZERO : St::VSCALE) + u * 16, (zero ? vz : vs) + int64_t(c) * CH * vgroups + u * 8);
       };
 #pragma unroll
       for (int i = lane; i < 2 * CH * MAX_VALUE_GROUPS / 8; i += 32)  // one round at one value group
         if (i < 2 * meta_units) meta_unit(i);
-      if (key_rows) {
-        constexpr int SU = D / 8;  // 16-byte units in a row of D 16-bit numbers
-        const int64_t key_row = int64_t(c / CPT) * D;
+      if (c == c_begin || c % CPT == 0) {  // the chunk that starts a key block (or this warp's run) brings its metadata
+        constexpr int SU = D / 8;          // 16-byte units in a row of D 16-bit numbers
+        const int64_t row = int64_t(c / CPT) * D;
 #pragma unroll
         for (int i = 0; i < (2 * SU + 31) / 32; ++i) {
           const int u = lane + 32 * i;
-          if (u < 2 * SU) cp_async16(dst + St::KSCALE + u * 16, data[u < SU ? KEY_SCALES : KEY_ZEROS] + (key_row + (u % SU) * 8) * 2);
+          if (u < 2 * SU) cp_async16(dst + St::KSCALE + u * 16, (u < SU ? ks : kz) + row + (u % SU) * 8);
         }
       }
     }
     cp_async_commit();
-    return c;
   };
   // first out: the query's loads and the window's copies (a few KB), then the first chunks'
   QueryLoad<D> query;
@@ -612,19 +558,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   uint8_t* window_stage = stages + (TT_STAGES - 1) * St::BYTES;  // free until the loop's first refill
   constexpr int WINDOW_ROOM = St::BYTES / (4 * D);                // rows of keys and of values it holds
   copy_window<D>(p, wr, window_stage, WINDOW_ROOM);
-  // (row_data: written here, after the first loads went out, and before the first chunks' copies read it)
-  if (lane < 6) {  // lane i: pointer i, with selects (an array indexed by lane would go to local memory)
-    const bool codes = lane < KEY_SCALES, keys = lane == KEY_CODES || lane == KEY_SCALES || lane == KEY_ZEROS;
-    const void* base = lane == KEY_CODES ? p.kc : lane == VALUE_CODES ? p.vc : lane == KEY_SCALES ? p.ks
-                     : lane == KEY_ZEROS ? p.kz : lane == VALUE_SCALES ? p.vs : p.vz;
-    const int64_t at = codes ? (keys ? b * p.kc_sb + hkv * p.kc_sh : b * p.vc_sb + hkv * p.vc_sh)
-                             : 2 * (keys ? b * p.km_sb + hkv * p.km_sh : b * p.vm_sb + hkv * p.vm_sh);  // 16-bit numbers
-    row_data[warp][lane] = static_cast<const uint8_t*>(base) + at;
-  }
-  __syncwarp();
-  int inflight[TT_STAGES - 1];  // the chunks on their way into stages 0, 1, ..., oldest first (-1: none)
 #pragma unroll
-  for (int i = 0; i < TT_STAGES - 1; ++i) inflight[i] = issue(i);
+  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);
   stage_query<D>(p, query, qs);
   stamp_split(1);  // 1 query staged
 
@@ -815,14 +750,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int value_row0[2] = {St::VALUES + staged_offset<St::VR>(2 * tig, gid * SEGV_B),
                              St::VALUES + staged_offset<St::VR>(2 * tig + 1, gid * SEGV_B)};
   int stage = 0;
-  for (bool first = true; inflight[0] >= 0; first = false) {
-    const int c = inflight[0];
+  for (int c = c_begin; c < c_end; ++c) {
     cp_async_wait<TT_STAGES - 2>();  // this lane's copies of chunk c have landed ...
     __syncwarp();                    // ... and every lane's; all lanes are done reading the stage refilled next
-    if (TT_TRACE && first) stamp_split(3);  // 3 first chunk landed
-#pragma unroll
-    for (int i = 0; i + 1 < TT_STAGES - 1; ++i) inflight[i] = inflight[i + 1];
-    inflight[TT_STAGES - 2] = issue(stage == 0 ? TT_STAGES - 1 : stage - 1);
+    if (TT_TRACE && c == c_begin) stamp_split(3);  // 3 first chunk landed
+    issue(c + TT_STAGES - 1, stage == 0 ? TT_STAGES - 1 : stage - 1);
     const uint8_t* st = stages + stage * St::BYTES;
     Chunk ch;
 #pragma unroll
@@ -874,10 +806,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
   }
   __syncthreads();
-  // (the row's first query head over the batch, (b * Hkv + kv head) * G + h0, worked out again: kept from the start it
-  // would hold registers through the loop)
-  const int groups = p.head_groups, first_head = row_index() / groups * p.G + row_index() % groups * MAX_HEADS;
-  for (int i = threadIdx.x; i < min(MAX_HEADS, p.G - first_head % p.G) * D; i += WARPS * 32) {  // the block's partial: channel d of head g
+  for (int i = threadIdx.x; i < GH * D; i += WARPS * 32) {  // the block's partial: channel d of head g
     const int g = i / D, d = i % D;
     float M = -INFINITY;
 #pragma unroll
@@ -889,7 +818,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       L = fmaf(a, ml_sh[w * MAX_HEADS * 2 + 2 * g + 1], L);
       o = fmaf(a, o_sh[(w * MAX_HEADS + g) * D + d], o);
     }
-    const int64_t base = (int64_t(first_head) + g) * p.splits + split_index();
+    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x;
     p.o_part[base * D + d] = o;
     if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
@@ -898,13 +827,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 
 // out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head. Block (b*h, d/32):
 // 32 channels of one head; each warp sums every WARPS-th partial, then the warps' sums are added in shared memory.
-// The block of a row's first head and first channels sets the row's counter back to zero for the next launch.
 __global__ void combine_kernel(const DecodeParams p) {
+  stamp_combine(0);
   const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = blockIdx.y * 32 + lane;
   const int Hq = p.Hkv * p.G, b = bh / Hq, h = bh % Hq;
-  const int row = (b * p.Hkv + h / p.G) * p.head_groups + (h % p.G) / MAX_HEADS;  // the split kernel's row_index()
-  stamp_combine(0);
-  if ((h % p.G) % MAX_HEADS == 0 && blockIdx.y == 0 && threadIdx.x == 0) p.schedule[row] = 0;  // every split is done
   const float* ml = p.ml_part + int64_t(bh) * p.splits * 2;
   const float* o = p.o_part + int64_t(bh) * p.splits * p.D;
   __shared__ float share[3][WARPS][32];
@@ -958,7 +884,7 @@ KernelRef kernel_ref() {
 }
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.B * p.Hkv * p.head_groups, p.splits);
+  const dim3 grid(p.splits, p.Hkv * p.head_groups, p.B);
   const KernelRef k = kernel_ref<D, KB, VB>();
   quantized_kernel<D, KB, VB><<<grid, WARPS * 32, k.shared, stream>>>(p);
 }
@@ -991,7 +917,6 @@ KernelRef pick_kb(int kb, int vb) {
 }  // namespace
 
 #ifndef __CUDACC_RTC__
-#include <algorithm>
 
 // TT_ONLY_HEAD_DIM=128 (benchmark builds) compiles one head_dim: a third of the build time; other sizes fail to launch
 #if defined(TT_ONLY_HEAD_DIM) && TT_ONLY_HEAD_DIM != 64 && TT_ONLY_HEAD_DIM != 128 && TT_ONLY_HEAD_DIM != 256
@@ -1003,8 +928,7 @@ KernelRef pick_kb(int kb, int vb) {
 #define TT_BUILDS(d) 1
 #endif
 
-namespace {
-KernelRef kernel_for(int head_dim, int key_bits, int value_bits) {
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits) {
   KernelRef k{nullptr, 0};
 #if TT_BUILDS(64)
   if (head_dim == 64) k = pick_kb<64>(key_bits, value_bits);
@@ -1015,73 +939,10 @@ KernelRef kernel_for(int head_dim, int key_bits, int value_bits) {
 #if TT_BUILDS(256)
   if (head_dim == 256) k = pick_kb<256>(key_bits, value_bits);
 #endif
-  return k;
-}
-struct DeviceFacts {  // asked once per device
-  int sms = 0;
-  int* schedule = nullptr;           // schedule_counters on this device
-  int blocks_per_sm[3][3][3] = {};   // resident blocks of the kernel of (head_dim 64/128/256, key bits, value bits)
-};
-}  // namespace
-
-const char* plan_decode_attention(DecodeParams& p, bool deterministic, int stream_slot) {
-  const KernelRef k = kernel_for(p.D, p.key_bits, p.value_bits);
-  if (k.fn == nullptr) return "this build of the kernel leaves that head_dim out (TT_ONLY_HEAD_DIM)";
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return "no current CUDA device (or more than 64)";
-  static DeviceFacts facts[64];
-  DeviceFacts& f = facts[dev];
-  if (f.sms == 0) {
-    void* counters = nullptr;
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaGetSymbolAddress(&counters, schedule_counters) != cudaSuccess)
-      return "could not ask the device for its multiprocessors and the kernel's counters";
-    f.schedule = static_cast<int*>(counters);
-    f.sms = sms;
-  }
-  int& occ = f.blocks_per_sm[p.D == 64 ? 0 : p.D == 128 ? 1 : 2][p.key_bits - 2][p.value_bits - 2];
-  if (occ == 0) {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, WARPS * 32, k.shared) != cudaSuccess) n = 1;
-    occ = n > 0 ? n : 1;
-  }
-  const int64_t rows = int64_t(p.B) * p.Hkv * p.head_groups;
-  if (rows > SCHEDULE_ROWS) return "batch * kv heads * ceil(query heads per kv head / 8) is over 32768: decode a smaller batch per call";
-  if (stream_slot < 0 || stream_slot >= SCHEDULE_SLOTS) return "stream slot out of range";
-  // split-K: the number of splits per row that fills whole waves of the GPU (at least 90% of the resident slots busy,
-  // TT_WAVES waves at least), with at least 2 key blocks per split so every warp has a few chunks to pipeline; every
-  // split also takes a share of the window, so no block is left with the window alone
-  constexpr int CPT = TILE / (16 * TT_MT);
-  const int64_t ntiles = p.nq / TILE, chunks = ntiles * CPT, resident = int64_t(f.sms) * occ;
-  const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (int64_t(p.nw) + 63) / 64});
-  int64_t splits = 1;
-  double best = 0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
-    if (waves < TT_WAVES && s < max_splits) continue;
-    const double eff = double(blocks) / double(waves * resident);
-    if (eff > best + 1e-9) { splits = s; best = eff; }
-    if (eff >= 0.9) break;
-  }
-  int shift = 0;  // log2 of a unit's chunks
-  int64_t static_units;
-  if (!deterministic) {  // a key block per unit, halved while a row's warps would get fewer than TT_UNITS_PER_WARP each
-    shift = __builtin_ctz(CPT);
-    while (shift > 0 && (chunks >> shift) < int64_t(TT_UNITS_PER_WARP) * splits * WARPS) --shift;
-    static_units = (TT_STAGES - 1 + (1 << shift) - 1) >> shift;  // enough to fill the pipeline before the first answer is needed
-  } else {  // one run of chunks per warp
-    static_units = (chunks + splits * WARPS - 1) / (splits * WARPS);
-  }
-  p.splits = int(splits);
-  p.unit_shift = shift;
-  p.units = int(chunks >> shift);
-  p.static_units = int(static_units);
-  p.dynamic_base = int(std::min<int64_t>(p.units, splits * WARPS * static_units));
-  p.dynamic = !deterministic;
-  p.window_per_split = int((int64_t(p.nw) + splits - 1) / splits);
-  p.schedule = f.schedule + int64_t(stream_slot) * SCHEDULE_ROWS;
-  return nullptr;
+  if (k.fn == nullptr) return 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, WARPS * 32, k.shared) != cudaSuccess) return 1;
+  return n > 0 ? n : 1;
 }
 
 int64_t decode_trace(int64_t* host) {

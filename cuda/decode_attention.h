@@ -27,13 +27,8 @@ struct DecodeParams {
   const int64_t* window_length;
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
-  // split-K: `splits` blocks per row (batch row, kv head, head group) share the row's `units` work units of
-  // 2^unit_shift quantized chunks: each warp first takes `static_units` units in turn (the row's warp i takes
-  // i * static_units, ...), then, if `dynamic`, asks the row's counter, which hands out units from dynamic_base on
-  // (not `dynamic`: each warp has one fixed run, and a call's sums come out bit for bit the same every time)
-  int splits, unit_shift, units, static_units, dynamic_base, dynamic;
+  int splits, tiles_per_split;             // split-K: blocks per (row, head group), 128-token key blocks per split
   int window_per_split;                    // window tokens per split
-  int* schedule;                           // [rows] int32: the next unit; zero between launches (combine_kernel)
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
   float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum)
@@ -46,15 +41,9 @@ struct DecodeParams {
 constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 8, TRACE_COMBINE_BLOCKS = 16384;
 constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
 
-// The per-row counters live in the module (zero when it loads; each launch's combine kernel sets its rows' back): one
-// set per stream slot, so launches on different streams do not share counters
-constexpr int SCHEDULE_SLOTS = 4, SCHEDULE_ROWS = 1 << 15;
-
 #ifndef __CUDACC_RTC__
-// Fills in the split-K fields (splits ... dynamic, window_per_split, schedule) for p's sizes on the current device:
-// `deterministic` gives each warp a fixed run of chunks; `stream_slot` < SCHEDULE_SLOTS. Returns an error message, or
-// nullptr.
-const char* plan_decode_attention(DecodeParams& p, bool deterministic, int stream_slot);
+// How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once.
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits);
 
 // TT_TRACE builds: copies both clocks' stamps ([2][TRACE_SLOTS]) into host and clears them; returns how many (0 otherwise).
 int64_t decode_trace(int64_t* host);

@@ -3,7 +3,6 @@ import pytest
 import torch
 from tiny_turboquant.cache import TinyKVCache
 from tiny_turboquant.graphs import GraphDecoder
-from tiny_turboquant.kernel import deterministic_schedule
 from tiny_turboquant.models import tiny_model
 from forced import forced_logits
 
@@ -24,11 +23,10 @@ def sharp_model(arch, **kwargs):
 def test_replayed_steps_give_the_eager_tokens(arch, kwargs, batch, prompt):
     model = sharp_model(arch, **kwargs)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    with deterministic_schedule():  # the same sums every call: eager and replayed steps can be compared token for token
-        eager = GraphDecoder(model, TinyKVCache.for_model(model), capture=False).generate(ids, 300)
-        cache = TinyKVCache.for_model(model)
-        decoder = GraphDecoder(model, cache)
-        assert torch.equal(decoder.generate(ids, 300), eager)
+    eager = GraphDecoder(model, TinyKVCache.for_model(model), capture=False).generate(ids, 300)
+    cache = TinyKVCache.for_model(model)
+    decoder = GraphDecoder(model, cache)
+    assert torch.equal(decoder.generate(ids, 300), eager)
     assert decoder.captures >= 2
     assert cache.layers[0].history.tokens == prompt + 299
     # every token chosen is the argmax of the cache's ordinary decode steps fed the same tokens, up to fp16 noise (the

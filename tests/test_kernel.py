@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 from tiny_turboquant.window import CompressedKV
-from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports, deterministic_schedule
+from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports
 from forced import forced_logits
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -34,18 +34,13 @@ def check(B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked=False, 
         starts = torch.randint(0, tokens, (B,), device="cuda", generator=gen)
         mask = torch.arange(tokens, device="cuda")[None] >= starts[:, None]
     assert kernel_supports(h, q) is None
-    ref = reference_decode_attention(q, h, mask=mask)
     out = fused_decode_attention(q, h, mask=mask, out_dtype=torch.float32, defines=defines)  # the kernel's own arithmetic
     assert torch.isfinite(out).all()
-    err = relative_error(out, ref)
+    err = relative_error(out, reference_decode_attention(q, h, mask=mask))
     assert err < TOLERANCE, (B, Hkv, G, D, tokens, key_bits, value_bits, vgs, dtype, masked, q_scale, err)
-    with deterministic_schedule():  # the fixed schedule: as accurate, and the same bits every call
-        fixed = fused_decode_attention(q, h, mask=mask, out_dtype=torch.float32, defines=defines)
-        assert relative_error(fixed, ref) < TOLERANCE, (B, Hkv, G, D, tokens, key_bits, value_bits, relative_error(fixed, ref))
-        assert torch.equal(fused_decode_attention(q, h, mask=mask, out_dtype=torch.float32, defines=defines), fixed)
-        # in the model's dtype the result is the same numbers, rounded once (bf16 rounding alone is up to 2**-9 relative)
-        torch.testing.assert_close(fused_decode_attention(q, h, mask=mask, defines=defines), fixed.to(dtype), rtol=0, atol=0)
-    return max(err, relative_error(fixed, ref))
+    # in the model's dtype the result is the same numbers, rounded once (bf16 rounding alone is up to 2**-9 relative)
+    torch.testing.assert_close(fused_decode_attention(q, h, mask=mask, defines=defines), out.to(dtype), rtol=0, atol=0)
+    return err
 
 
 FIXED = [  # (B, Hkv, G, D, tokens, key_bits, value_bits, value_group_size, dtype, masked, q_scale, flush)
@@ -112,37 +107,10 @@ def misaligned(t):
 def test_misaligned_inputs_give_the_same_result():
     h = make_history(2, 2, 128, 1000, 4, 4, None, torch.float16)
     q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.float16)
-    with deterministic_schedule():  # the same bits every call
-        want = fused_decode_attention(q, h)
-        for name in ("key_codes", "key_scale", "value_scale", "value_zero"):
-            setattr(h, name, misaligned(getattr(h, name)))
-        torch.testing.assert_close(fused_decode_attention(misaligned(q), h), want, rtol=0, atol=0)
-
-
-def test_launches_on_two_streams_at_once():
-    "Each stream has its own set of the kernel's row counters: launches running side by side do not mix their work."
-    cases = [(make_history(8, 8, 128, 16384, 4, 4, None, torch.float16), torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.float16)),
-             (make_history(4, 4, 128, 30000, 4, 4, None, torch.bfloat16), torch.randn(4, 28, 1, 128, device="cuda", dtype=torch.bfloat16))]
-    refs = [reference_decode_attention(q, h) for h, q in cases]
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    outs = [[], []]
-    torch.cuda.synchronize()
-    for _ in range(20):
-        for i, ((h, q), s) in enumerate(zip(cases, streams)):
-            with torch.cuda.stream(s): outs[i].append(fused_decode_attention(q, h, out_dtype=torch.float32))
-    torch.cuda.synchronize()
-    for ref, runs in zip(refs, outs):
-        assert max(relative_error(o, ref) for o in runs) < TOLERANCE
-
-
-def test_a_batch_past_the_row_counters_goes_in_slices():
-    "More rows (batch * kv heads) than the kernel's counters hold: the binding launches the batch in slices."
-    B, Hkv = 4200, 8  # 33,600 rows > 32,768
-    h = make_history(B, Hkv, 64, 300, 4, 4, None, torch.float16)
-    q = torch.randn(B, Hkv * 2, 1, 64, device="cuda", dtype=torch.float16)
-    mask = torch.arange(300, device="cuda")[None] >= torch.randint(0, 300, (B, 1), device="cuda")
-    out = fused_decode_attention(q, h, mask=mask, out_dtype=torch.float32)
-    assert relative_error(out, reference_decode_attention(q, h, mask=mask)) < TOLERANCE
+    want = fused_decode_attention(q, h)
+    for name in ("key_codes", "key_scale", "value_scale", "value_zero"):
+        setattr(h, name, misaligned(getattr(h, name)))
+    torch.testing.assert_close(fused_decode_attention(misaligned(q), h), want, rtol=0, atol=0)
 
 
 def test_fixed_window_length_is_read_on_the_device():

@@ -6,11 +6,11 @@ Docs: https://tiny-turboquant.github.io/tiny-turboquant/cuda.html.md"""
 
 # %% auto #0
 __all__ = ['KERNEL_DEFINES', 'ATTENTION_NAME', 'kernel_source_dir', 'is_built', 'build_kernel', 'kernel_supports',
-           'fused_decode_attention', 'deterministic_schedule', 'exact_history', 'reference_decode_attention',
-           'tiny_attention', 'use_fused_attention', 'load_results']
+           'fused_decode_attention', 'exact_history', 'reference_decode_attention', 'tiny_attention',
+           'use_fused_attention', 'load_results']
 
 # %% ../nbs/08_cuda.ipynb #67691dbb
-import contextlib, json, logging, math, os
+import json, logging, math, os
 from pathlib import Path
 import torch
 from .affine import unpack_bits
@@ -102,15 +102,6 @@ def _launch(query, h:CompressedKV, scale, mask, float_output=False, defines=None
     # (the binding copies a tensor whose (row, head) starts are not 16-byte aligned; the cache's never are)
     return kernel.decode_attention(query[:, :, 0], *store, window[0], window[1], mask, window[2], h.key_bits,
                                    h.value_bits, float(scale), float_output)
-
-@contextlib.contextmanager
-def deterministic_schedule():
-    "Inside, the kernel gives every warp a fixed share of the work: the same inputs give the same bits every call."
-    # the kernel follows torch's switch; warn_only, so that torch ops without a deterministic version still run
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try: yield
-    finally: torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 # %% ../nbs/08_cuda.ipynb #4a84f528
 def exact_history(h:CompressedKV):
