@@ -48,6 +48,10 @@ namespace {
 #ifndef TT_MIN_BLOCKS
 #define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
 #endif
+#ifndef TT_COMPACT
+#define TT_COMPACT 0   // 1: stages with room for one value group (calls with more are refused), the key rows in two slots
+#endif                 //    per warp beside them, the query staged as its 16-bit numbers: 0.91-0.99x the time at 3 stages;
+                       //    with TT_STAGES=4 (3 blocks still fit) no faster
 #ifndef TT_TRACE
 #define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
 #endif
@@ -306,11 +310,16 @@ __device__ __forceinline__ void load_query(const DecodeParams& p, QueryLoad<D>& 
   }
 }
 template <int D>
-__device__ __forceinline__ void stage_query(const DecodeParams& p, const QueryLoad<D>& ql, float* qs) {
+__device__ __forceinline__ void stage_query(const DecodeParams& p, const QueryLoad<D>& ql, void* staged) {
+  float* qs = static_cast<float*>(staged);
 #pragma unroll
   for (int k = 0; k < int(sizeof(ql.v) / sizeof(uint4)); ++k) {
     const int u = threadIdx.x + k * WARPS * 32, g = u / (D / 8), d0 = (u % (D / 8)) * 8;
     if (u >= QueryLoad<D>::UNITS) break;
+    if (TT_COMPACT) {  // the query's own numbers, scaled where they are read (staged_query)
+      reinterpret_cast<uint4*>(static_cast<uint16_t*>(staged) + g * D + d0)[0] = ql.v[k];
+      continue;
+    }
     const uint32_t w[4] = {ql.v[k].x, ql.v[k].y, ql.v[k].z, ql.v[k].w};
     float f[8];
 #pragma unroll
@@ -319,6 +328,12 @@ __device__ __forceinline__ void stage_query(const DecodeParams& p, const QueryLo
     dst[0] = make_float4(f[0], f[1], f[2], f[3]); dst[1] = make_float4(f[4], f[5], f[6], f[7]);
   }
   __syncthreads();
+}
+
+// Entry i (head * D + channel) of the staged query, times softmax scale * log2(e).
+__device__ __forceinline__ float staged_query(const DecodeParams& p, const void* qs, int i) {
+  if (TT_COMPACT) return to_float(static_cast<const uint16_t*>(qs)[i], p.is_bf16) * p.scale_log2;
+  return static_cast<const float*>(qs)[i];
 }
 
 // The window tokens [lo, hi) of this warp: split s of the launch takes [s * window_per_split, (s + 1) *
@@ -385,7 +400,7 @@ __device__ __forceinline__ void load_window(const DecodeParams& p, TokenRange r,
 // compile time (rows past them hold a zero query and are never written out). Leaves m, l (on the gid == 0 lanes; the
 // loop's sums run over rows) and acc in the loop's units: the folded rows hold 2^value_pos / CODE_UNIT times the value.
 template <int D, int VB, int NH>
-__device__ __forceinline__ void window_first(const DecodeParams& p, const float* qs, bool fold, TokenRange r,
+__device__ __forceinline__ void window_first(const DecodeParams& p, const void* qs, bool fold, TokenRange r,
                                              const uint8_t* staged, int room, float (&m)[2], float (&l)[2],
                                              float (&acc)[D / 16][4]) {
   constexpr int PER = D / 32, NMV = D / 16, UNROLL = WindowBatch<D>::UNROLL;
@@ -397,7 +412,7 @@ __device__ __forceinline__ void window_first(const DecodeParams& p, const float*
 #pragma unroll
   for (int g = 0; g < NH; ++g)
 #pragma unroll
-    for (int i = 0; i < PER; ++i) qf[g][i] = qs[g * D + lane * PER + i];
+    for (int i = 0; i < PER; ++i) qf[g][i] = staged_query(p, qs, g * D + lane * PER + i);
   for (int t0 = r.lo; t0 < r.hi; t0 += UNROLL) {
     WindowBatch<D> w;
     load_window<D>(p, r, t0, staged, room, w);
@@ -470,16 +485,19 @@ __device__ __forceinline__ void window_first(const DecodeParams& p, const float*
 template <int D, int KB, int VB>
 struct Stage {
   static constexpr int CH = 16 * TT_MT, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
-  static constexpr int META = CH * MAX_VALUE_GROUPS * 2;                  // bytes of a chunk's value scales (or zeros)
-  static constexpr int KEYS = 0, VALUES = CH * KR, KSCALE = CH * (KR + VR), VSCALE = KSCALE + 4 * D,
+  static constexpr int GROUPS = TT_COMPACT ? 1 : MAX_VALUE_GROUPS;         // value groups a stage has room for
+  static constexpr int META = CH * GROUPS * 2;                            // bytes of a chunk's value scales (or zeros)
+  static constexpr int KEY_ROWS = TT_COMPACT ? 0 : 4 * D;                 // (TT_COMPACT: in two slots per warp instead)
+  static constexpr int KEYS = 0, VALUES = CH * KR, KSCALE = CH * (KR + VR), VSCALE = KSCALE + KEY_ROWS,
                        VZERO = VSCALE + META, BYTES = VZERO + META;
   static_assert(VALUES % 16 == 0 && KSCALE % 16 == 0 && (CH * 2) % 16 == 0, "chunks are whole 16-byte units");
 };
-template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * 4; }
+template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * (TT_COMPACT ? 2 : 4); }
+template <int D> __host__ __device__ constexpr int key_rows_bytes() { return TT_COMPACT ? WARPS * 2 * 4 * D : 0; }
 template <int D, int KB, int VB>
 __host__ __device__ constexpr int shared_bytes() {
   static_assert(TT_STAGES * Stage<D, KB, VB>::BYTES >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
-  return query_bytes<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES;
+  return query_bytes<D>() + key_rows_bytes<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES;
 }
 
 template <int D, int KB, int VB>
@@ -514,8 +532,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // (no registers held while in flight), TT_STAGES - 1 chunks ahead of the one being computed. Only __syncwarp is
   // needed: no warp reads another warp's stages.
   extern __shared__ __align__(16) uint8_t shared_raw[];
-  float* qs = reinterpret_cast<float*>(shared_raw);
-  uint8_t* stages = shared_raw + query_bytes<D>() + warp * (TT_STAGES * St::BYTES);
+  void* qs = shared_raw;
+  uint8_t* key_rows = shared_raw + query_bytes<D>() + warp * 2 * 4 * D;  // TT_COMPACT: slot (key block & 1) of this warp
+  uint8_t* stages = shared_raw + query_bytes<D>() + key_rows_bytes<D>() + warp * (TT_STAGES * St::BYTES);
   // where this lane's 16-byte units land: unit lane + 32i lands 512i bytes after unit lane (the swizzle reads bits 3-4)
   const int key_dst = St::KEYS + swizzled_unit<St::KR>(lane) * 16, value_dst = St::VALUES + swizzled_unit<St::VR>(lane) * 16;
   const int meta_units = CH * vgroups / 8;  // 16-byte units of a chunk's value scales (as many of its zeros)
@@ -545,7 +564,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
         for (int i = 0; i < (2 * SU + 31) / 32; ++i) {
           const int u = lane + 32 * i;
-          if (u < 2 * SU) cp_async16(dst + St::KSCALE + u * 16, (u < SU ? ks : kz) + row + (u % SU) * 8);
+          if (u < 2 * SU) cp_async16((TT_COMPACT ? key_rows + (c / CPT & 1) * 4 * D : dst + St::KSCALE) + u * 16,
+                                     (u < SU ? ks : kz) + row + (u % SU) * 8);
         }
       }
     }
@@ -596,8 +616,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile && (TT_ABLATE != 4 || cur_tile < 0)) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
-      const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(st + St::KSCALE), *key_zero_row = key_scale_row + D;
-      const float* qg = qs + gid * D;  // this lane's head (a zero row past the block's heads)
+      const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(TT_COMPACT ? key_rows + (tile & 1) * 4 * D : st + St::KSCALE);
+      const uint16_t* key_zero_row = key_scale_row + D;
+      const float* qg = static_cast<const float*>(qs) + gid * D;  // this lane's head (a zero row past the block's heads)
       float bias_part = 0.f;
 #pragma unroll
       for (int j = 0; j < SEGK / 16; ++j) {
@@ -614,10 +635,17 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
             sf[8 * h + e] = to_float(uint16_t(sa[e >> 1] >> sh), bf16);
             zf[8 * h + e] = to_float(uint16_t(za[e >> 1] >> sh), bf16);
           }
+          if (TT_COMPACT) {  // 8 of the query's own numbers
+            const uint4 qv = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(qs) + gid * D + ch0 + 8 * h)[0];
+            const uint32_t qa[4] = {qv.x, qv.y, qv.z, qv.w};
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float4 qv = reinterpret_cast<const float4*>(qg + ch0 + 8 * h)[e];
-            qf[8 * h + 4 * e] = qv.x; qf[8 * h + 4 * e + 1] = qv.y; qf[8 * h + 4 * e + 2] = qv.z; qf[8 * h + 4 * e + 3] = qv.w;
+            for (int e = 0; e < 8; ++e) qf[8 * h + e] = to_float(uint16_t(qa[e >> 1] >> (16 * (e & 1))), bf16) * p.scale_log2;
+          } else {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float4 qv = reinterpret_cast<const float4*>(qg + ch0 + 8 * h)[e];
+              qf[8 * h + 4 * e] = qv.x; qf[8 * h + 4 * e + 1] = qv.y; qf[8 * h + 4 * e + 2] = qv.z; qf[8 * h + 4 * e + 3] = qv.w;
+            }
           }
         }
 #pragma unroll
@@ -958,6 +986,7 @@ int64_t decode_trace(int64_t* host) {
 }
 
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
+  if (TT_COMPACT && p.vgroups != 1) return cudaErrorNotSupported;  // (a variant under test: its stages hold one group)
   bool built = false;
 #if TT_BUILDS(64)
   if (p.D == 64) { dispatch_kb<64>(p, stream); built = true; }
