@@ -19,7 +19,6 @@ from bench_kernel import SHAPES, random_history
 
 PHASES = ["start", "query staged", "window", "first chunk landed", "loop done (warp 0)", "loop done (all warps)",
           "partial written"]
-SPLIT_BLOCKS, SPLIT_EVENTS, COMBINE_BLOCKS = 4096, 8, 16384  # cuda/decode_attention.h: TRACE_*
 
 
 def quantiles(x):
@@ -39,8 +38,7 @@ def trace_one(shape, B, context, defines, reps=3):
     torch.cuda.synchronize()
     clocks = ext.trace()
     if clocks is None: raise RuntimeError("the kernel was not built with TT_TRACE=1")
-    if clocks.shape[1] != SPLIT_BLOCKS * SPLIT_EVENTS + 2 * COMBINE_BLOCKS:  # the header's sizes changed
-        raise RuntimeError(f"{clocks.shape[1]} trace slots: SPLIT_BLOCKS, SPLIT_EVENTS, COMBINE_BLOCKS must match cuda/decode_attention.h")
+    SPLIT_BLOCKS, SPLIT_EVENTS = ext.TRACE_SPLIT_BLOCKS, ext.TRACE_SPLIT_EVENTS  # the slot layout, as the header has it
     ns, cycles = clocks[0], clocks[1]
     split_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
     split_cy = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]

@@ -148,4 +148,8 @@ c10::optional<at::Tensor> trace() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "Fused dequantize + attention for one decode step (KIVI layout + window)");
   m.def("trace", &trace, "TT_TRACE builds: the phase stamps of the last launch ([2, slots] int64: %globaltimer, clock64), cleared");
+  // the trace's slot layout (decode_attention.h), for benchmarks/trace_kernel.py
+  m.attr("TRACE_SPLIT_BLOCKS") = TRACE_SPLIT_BLOCKS;
+  m.attr("TRACE_SPLIT_EVENTS") = TRACE_SPLIT_EVENTS;
+  m.attr("TRACE_COMBINE_BLOCKS") = TRACE_COMBINE_BLOCKS;
 }

@@ -293,6 +293,7 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
 
 // The query of the block's heads times softmax scale * log2(e), in fp32 in shared memory ([MAX_HEADS][D], rows past
 // the block's heads zero): the window part and each 128-token block's fold read it there, not from global memory.
+// (TT_COMPACT stages the query's own 16-bit numbers, and the readers scale them: staged_query, the fold.)
 // Loaded in two steps so that its loads go out before the chunks' copies (TT_TRACE: staged 0.3-2 us sooner).
 template <int D> struct QueryLoad {
   static constexpr int UNITS = MAX_HEADS * D / 8;  // 8 numbers (16 bytes) each: one load per thread at head_dim 128
