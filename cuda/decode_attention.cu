@@ -4,10 +4,11 @@
 // warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window. Each warp first
 // attends its quarter of that share (copied into its last stage ahead of its first chunks), then walks its quarter of
 // the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
-// copying them into its own shared-memory stages with cp.async TT_STAGES - 1 chunks ahead of the one it computes
-// (codes, the value scales and zeros, and each key block's scale and zero rows) and reading the mma fragments from
-// there. The block merges its warps' states (running max m, sum l, unnormalised output o) in shared memory into one
-// partial per split; `combine_kernel` merges those.
+// copying them into its own shared-memory stages TT_STAGES - 1 chunks ahead of the one it computes (codes, the value
+// scales and zeros, and each key block's scale and zero rows; on Hopper one bulk copy per region, asked for by one
+// lane, before Hopper cp.async from every lane) and reading the mma fragments from there. The block merges its warps'
+// states (running max m, sum l, unnormalised output o) in shared memory into one partial per split; `combine_kernel`
+// merges those.
 // The host picks the number of splits so that the grid is one whole wave of resident blocks where it can.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
@@ -52,6 +53,14 @@ namespace {
 #define TT_COMPACT 0   // 1: stages with room for one value group (calls with more are refused), the key rows in two slots
 #endif                 //    per warp beside them, the query staged as its 16-bit numbers: 0.91-0.99x the time at 3 stages;
                        //    with TT_STAGES=4 (3 blocks still fit) no faster
+#ifndef TT_BULK
+#define TT_BULK 1      // 1: Hopper's bulk copies bring the chunks (one lane, one instruction per region); 0, and on GPUs
+#endif                 //    before Hopper: every lane copies 16-byte pieces with cp.async (same stage layout)
+#if TT_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TT_USE_BULK 1
+#else
+#define TT_USE_BULK 0
+#endif
 #ifndef TT_TRACE
 #define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
 #endif
@@ -125,6 +134,9 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
+template <bool B> struct Bool { static constexpr bool value = B; };  // a compile-time flag as an argument
+template <int N> struct Bytes { static constexpr int value = N; uint32_t bytes = N; };  // a size, known (N > 0) or not
+
 // NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
 
@@ -173,21 +185,54 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Shared-memory place of 16-byte unit u of a chunk of rows of ROWB bytes. 64-byte rows (4-bit head_dim 128) are
-// swizzled inside each 128-byte line so that the value fragment loads (8 bytes of tokens 2tig + {0, 2, 4, 6}) hit
-// 32 different banks; the XOR touches bits 1-2 only, so 16- and 32-byte pieces stay whole and in order.
-template <int ROWB>
-__device__ __forceinline__ int swizzled_unit(int u) {
-  if constexpr (ROWB == 64) return u ^ (((u >> 3) & 3) << 1);
-  else return u;
+// The bulk copies of Hopper's copy engine (TMA, no tensor map): one lane asks for a whole contiguous region (16-byte
+// aligned, a multiple of 16 bytes) and the bytes land in shared memory by themselves; the region's bytes count down
+// the transaction count of an mbarrier, whose phase completes when they have all landed and its one arrival is made.
+__device__ __forceinline__ uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void barrier_init(uint64_t* bar) {
+#if TT_USE_BULK  // (these instructions exist from sm_90 on; other builds never call them)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(bar)) : "memory");
+#endif
 }
-// byte offset of (row, byte) in a staged chunk; a read never crosses a 16-byte unit when ROWB == 64, and the swizzle
-// depends on bits 1-2 of the row only, so staged_offset(row + 8k, byte) = staged_offset(row, byte) + 8k * ROWB
-template <int ROWB>
-__device__ __forceinline__ int staged_offset(int row, int byte) {
-  if constexpr (ROWB == 64) return (swizzled_unit<64>(row * 4 + (byte >> 4)) << 4) | (byte & 15);
-  else return row * ROWB + byte;
+__device__ __forceinline__ void barrier_init_fence() {  // the barriers' first state seen by the copy engine
+#if TT_USE_BULK
+  asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
 }
+__device__ __forceinline__ void barrier_expect(uint64_t* bar, uint32_t bytes) {  // the one arrival, with its bytes to come
+#if TT_USE_BULK
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {  // until the phase of this parity completes
+#if TT_USE_BULK
+  const uint32_t a = shared_address(bar);
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(a), "r"(parity) : "memory");
+#endif
+}
+__device__ __forceinline__ bool elect_one() {  // true on one lane of the (converged) warp, known so to the compiler
+  uint32_t one = 1;
+#if TT_USE_BULK
+  asm volatile("{\n.reg .pred p;\nelect.sync _|p, 0xffffffff;\nselp.u32 %0, 1, 0, p;\n}\n" : "=r"(one));
+#endif
+  return one;
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if TT_USE_BULK
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(shared_address(dst)), "l"(src), "r"(bytes), "r"(shared_address(bar)) : "memory");
+#endif
+}
+
+// Where token r (0-15) of a 16-token mma tile sits among the tile's rows in a stage: tokens 2 and 3 (6 and 7) trade
+// places. The value fragment loads of one instruction then read rows {0, 3, 4, 7} (or {1, 2, 5, 6}): with 64-byte rows
+// (4-bit, head_dim 128) two land in each half of the banks, so the rows can stay in the order the copy engine writes
+// them (no swizzle) without bank conflicts. The mma does not care which token is which row as long as the scores, the
+// probabilities and the values agree.
+__host__ __device__ constexpr int tile_row(int r) { return r ^ ((r >> 1) & 1); }
 
 // code of channel c (bits [c*BITS, (c+1)*BITS) of the little-endian word stream); c is a compile-time constant
 // after unrolling, so this folds to a shift and a mask (a funnel shift where a 3-bit code straddles two words).
@@ -482,7 +527,7 @@ __device__ __forceinline__ void window_first(const DecodeParams& p, const void* 
 
 // One warp's shared-memory stage: the key codes and value codes of one chunk, the key scale and zero rows of the
 // 128-token block the chunk belongs to (copied only with a warp's first chunk and each block's first), and the
-// chunk's value scales and zeros ([token][group], room for MAX_VALUE_GROUPS groups).
+// chunk's value scales and zeros ([token][group], room for MAX_VALUE_GROUPS groups). Each region is one bulk copy.
 template <int D, int KB, int VB>
 struct Stage {
   static constexpr int CH = 16 * TT_MT, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
@@ -498,7 +543,7 @@ template <int D> __host__ __device__ constexpr int key_rows_bytes() { return TT_
 template <int D, int KB, int VB>
 __host__ __device__ constexpr int shared_bytes() {
   static_assert(TT_STAGES * Stage<D, KB, VB>::BYTES >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
-  return query_bytes<D>() + key_rows_bytes<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::BYTES;
+  return query_bytes<D>() + key_rows_bytes<D>() + WARPS * TT_STAGES * (Stage<D, KB, VB>::BYTES + 8);  // + mbarriers
 }
 
 template <int D, int KB, int VB>
@@ -510,7 +555,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   using St = Stage<D, KB, VB>;
   constexpr int MT = TT_MT, CH = St::CH, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per key block
   stamp_split(0);  // phases of a block (TT_TRACE): 0 start
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  // the warp's index through a shuffle from lane 0: the compiler then knows it is the same on every lane and keeps what
+  // derives from it (the chunk index, the copies' addresses) in uniform registers, as the bulk copies need them
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x >> 5), 0);
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
@@ -529,48 +577,67 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int vgroups = p.vgroups, vgroup = (gid * SEGV) / (D / vgroups);  // the host checks a lane's slice is in one group
   const bool fold = TT_FOLD && VB != 3 && vgroups == 1;  // value scale folded into the probabilities
 
-  // Each warp streams its chunks through TT_STAGES shared-memory stages of its own: cp.async moves whole 16-byte units
-  // (no registers held while in flight), TT_STAGES - 1 chunks ahead of the one being computed. Only __syncwarp is
-  // needed: no warp reads another warp's stages.
+  // Each warp streams its chunks through TT_STAGES shared-memory stages of its own, TT_STAGES - 1 chunks ahead of the
+  // one being computed: lane 0 asks the copy engine for a chunk's regions (key codes, value codes, value scales and
+  // zeros, and a key block's scale and zero rows with the block's first chunk), and the stage's mbarrier says when they
+  // have landed. Only __syncwarp is needed: no warp reads another warp's stages.
   extern __shared__ __align__(16) uint8_t shared_raw[];
   void* qs = shared_raw;
   uint8_t* key_rows = shared_raw + query_bytes<D>() + warp * 2 * 4 * D;  // TT_COMPACT: slot (key block & 1) of this warp
   uint8_t* stages = shared_raw + query_bytes<D>() + key_rows_bytes<D>() + warp * (TT_STAGES * St::BYTES);
-  // where this lane's 16-byte units land: unit lane + 32i lands 512i bytes after unit lane (the swizzle reads bits 3-4)
-  const int key_dst = St::KEYS + swizzled_unit<St::KR>(lane) * 16, value_dst = St::VALUES + swizzled_unit<St::VR>(lane) * 16;
-  const int meta_units = CH * vgroups / 8;  // 16-byte units of a chunk's value scales (as many of its zeros)
-  auto issue = [&](int c, int stage) {  // always commits a group (empty past the end) so the wait counts stay uniform
+  uint64_t* landed = reinterpret_cast<uint64_t*>(shared_raw + query_bytes<D>() + key_rows_bytes<D>() +
+                                                 WARPS * TT_STAGES * St::BYTES) + warp * TT_STAGES;  // one per stage
+  if (TT_USE_BULK && lane == 0) {
+#pragma unroll
+    for (int i = 0; i < TT_STAGES; ++i) barrier_init(landed + i);
+    barrier_init_fence();
+  }
+  __syncwarp();
+  const uint32_t meta_bytes = CH * vgroups * 2;  // a chunk's value scales (as many bytes of zeros)
+  // the next chunk to ask for, and where its regions start (running pointers: the addresses stay in uniform registers)
+  int next_c = c_begin, next_stage = 0;
+  const uint8_t* next_keys = kc + int64_t(c_begin) * St::VALUES;  // CH * KR bytes per chunk
+  const uint8_t* next_values = vc + int64_t(c_begin) * (St::KSCALE - St::VALUES);
+  const uint16_t* next_scales = vs + int64_t(c_begin) * CH * vgroups;
+  const uint16_t* next_zeros = vz + int64_t(c_begin) * CH * vgroups;
+  auto copy = [&](void* dst, const void* src, auto size, int stage) {  // one region of a chunk (`size`: Bytes<N> or bytes)
+    constexpr int N = decltype(size)::value;  // bytes known at compile time, 0: the argument's
+    const uint32_t bytes = N ? N : size.bytes;
+    if (TT_USE_BULK) { bulk_copy(dst, src, bytes, landed + stage); return; }  // (by the one elected lane)
+    auto unit = [&](int u) { cp_async16(static_cast<uint8_t*>(dst) + 16 * u, static_cast<const uint8_t*>(src) + 16 * u); };
+    if (N) {
+#pragma unroll
+      for (int i = 0; i < (N / 16 + 31) / 32; ++i)
+        if ((N / 16) % 32 == 0 || lane + 32 * i < N / 16) unit(lane + 32 * i);
+    } else {
+      for (int u = lane; u < int(bytes / 16); u += 32) unit(u);
+    }
+  };
+  auto issue_next = [&]() {  // the next chunk into the next stage (nothing past the warp's last chunk)
+    const int c = next_c, stage = next_stage;
     if (c < c_end) {
       uint8_t* dst = stages + stage * St::BYTES;
-      const uint8_t* ksrc = kc + int64_t(c) * St::VALUES + lane * 16;  // CH * KR bytes per chunk
-      const uint8_t* vsrc = vc + int64_t(c) * (St::KSCALE - St::VALUES) + lane * 16;
-      constexpr int KU = St::VALUES / 16, VU = (St::KSCALE - St::VALUES) / 16;
-#pragma unroll
-      for (int i = 0; i < (KU + 31) / 32; ++i)
-        if (KU % 32 == 0 || lane + 32 * i < KU) cp_async16(dst + key_dst + 512 * i, ksrc + 512 * i);
-#pragma unroll
-      for (int i = 0; i < (VU + 31) / 32; ++i)
-        if (VU % 32 == 0 || lane + 32 * i < VU) cp_async16(dst + value_dst + 512 * i, vsrc + 512 * i);
-      auto meta_unit = [&](int i) {  // unit i of the chunk's value scales, then of its zeros
-        const bool zero = i >= meta_units;
-        const int u = zero ? i - meta_units : i;
-        cp_async16(dst + (zero ? St::VZERO : St::VSCALE) + u * 16, (zero ? vz : vs) + int64_t(c) * CH * vgroups + u * 8);
-      };
-#pragma unroll
-      for (int i = lane; i < 2 * CH * MAX_VALUE_GROUPS / 8; i += 32)  // one round at one value group
-        if (i < 2 * meta_units) meta_unit(i);
-      if (c == c_begin || c % CPT == 0) {  // the chunk that starts a key block (or this warp's run) brings its metadata
-        constexpr int SU = D / 8;          // 16-byte units in a row of D 16-bit numbers
-        const int64_t row = int64_t(c / CPT) * D;
-#pragma unroll
-        for (int i = 0; i < (2 * SU + 31) / 32; ++i) {
-          const int u = lane + 32 * i;
-          if (u < 2 * SU) cp_async16((TT_COMPACT ? key_rows + (c / CPT & 1) * 4 * D : dst + St::KSCALE) + u * 16,
-                                     (u < SU ? ks : kz) + row + (u % SU) * 8);
+      const bool key_block = c == c_begin || c % CPT == 0;  // the chunk that starts a key block (or this warp's run)
+      if (!TT_USE_BULK || elect_one()) {
+        if (TT_USE_BULK) barrier_expect(landed + stage, St::KSCALE + 2 * meta_bytes + (key_block ? 4 * D : 0));
+        copy(dst + St::KEYS, next_keys, Bytes<St::VALUES>(), stage);
+        copy(dst + St::VALUES, next_values, Bytes<St::KSCALE - St::VALUES>(), stage);
+        copy(dst + St::VSCALE, next_scales, Bytes<0>{meta_bytes}, stage);
+        copy(dst + St::VZERO, next_zeros, Bytes<0>{meta_bytes}, stage);
+        if (key_block) {
+          uint8_t* rows = TT_COMPACT ? key_rows + (c / CPT & 1) * 4 * D : dst + St::KSCALE;
+          const int64_t row = int64_t(c / CPT) * D;
+          copy(rows, ks + row, Bytes<2 * D>(), stage);
+          copy(rows + 2 * D, kz + row, Bytes<2 * D>(), stage);
         }
       }
+      __syncwarp();
+      next_c = c + 1;
+      next_stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
+      next_keys += St::VALUES; next_values += St::KSCALE - St::VALUES;
+      next_scales += CH * vgroups; next_zeros += CH * vgroups;
     }
-    cp_async_commit();
+    if (!TT_USE_BULK) cp_async_commit();  // a group per call, empty past the end: the wait counts stay uniform
   };
   // first out: the query's loads and the window's copies (a few KB), then the first chunks'
   QueryLoad<D> query;
@@ -580,7 +647,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   constexpr int WINDOW_ROOM = St::BYTES / (4 * D);                // rows of keys and of values it holds
   copy_window<D>(p, wr, window_stage, WINDOW_ROOM);
 #pragma unroll
-  for (int i = 0; i < TT_STAGES - 1; ++i) issue(c_begin + i, i);
+  for (int i = 0; i < TT_STAGES - 1; ++i) issue_next();
   stage_query<D>(p, query, qs);
   stamp_split(1);  // 1 query staged
 
@@ -590,8 +657,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
   for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float zsum_part[2] = {0.f, 0.f};  // (fold) this lane's share of sum_t p_t z_t for heads 2tig, 2tig+1 (tokens gid, gid+8)
-  cp_async_wait<TT_STAGES - 1>();  // the window's group (the oldest) has landed ...
-  __syncwarp();                    // ... for every lane; the first chunks are still on their way
+  if (TT_USE_BULK) cp_async_wait<0>();  // the window's rows have landed (the only cp.async group) ...
+  else cp_async_wait<TT_STAGES - 1>();   // (the oldest group, ahead of the first chunks')
+  __syncwarp();                          // ... for every lane; the first chunks are still on their way
   if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, WINDOW_ROOM, m_run, l_run, acc);
   else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, WINDOW_ROOM, m_run, l_run, acc);
   stamp_split(2);  // 2 window attended (warp 0, as the rest)
@@ -604,7 +672,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) meta_at[mt][r] = fold ? 16 * mt + gid + 8 * r : (16 * mt + 2 * tig + 8 * r) * vgroups + vgroup;
+    for (int r = 0; r < 2; ++r)
+      meta_at[mt][r] = fold ? 16 * mt + tile_row(gid) + 8 * r : (16 * mt + tile_row(2 * tig) + 8 * r) * vgroups + vgroup;
 
   // A chunk's codes as this lane's mma fragments need them.
   struct Chunk {
@@ -621,6 +690,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       const uint16_t* key_zero_row = key_scale_row + D;
       const float* qg = static_cast<const float*>(qs) + gid * D;  // this lane's head (a zero row past the block's heads)
       float bias_part = 0.f;
+      // the fold's 16-bit numbers converted with the model's dtype known at compile time (one instruction each, not
+      // both conversions and a select): the branch is the same on every lane, and only this code is there twice
+      auto fold_rows = [&](auto dtype) {
+      constexpr bool bf16 = decltype(dtype)::value;
 #pragma unroll
       for (int j = 0; j < SEGK / 16; ++j) {
         const int ch0 = tig * SEGK + 16 * j;
@@ -663,6 +736,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           qh[i] = h2_bits(hi); ql[i] = h2_bits(lo);
         }
       }
+      };
+      if (bf16) fold_rows(Bool<true>());
+      else fold_rows(Bool<false>());
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 2);
       bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
@@ -672,7 +748,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     // the dequantization is fp16 arithmetic)
     const uint16_t* vsm = reinterpret_cast<const uint16_t*>(st + St::VSCALE);
     const uint16_t* vzm = reinterpret_cast<const uint16_t*>(st + St::VZERO);
-    const int next = fold ? 8 : vgroups;  // the second half: token gid + 8 (fold), or the next token
+    const int next = fold ? 8 : (tig & 1 ? -vgroups : vgroups);  // the second half: token gid + 8 (fold), or 2tig + 1
     uint32_t vsc[MT][2], vzr[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -703,8 +779,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       s[mt][0] = fmaf(cc[0] + cl[0], ungain, bias[0]); s[mt][1] = fmaf(cc[1] + cl[1], ungain, bias[1]);
       s[mt][2] = fmaf(cc[2] + cl[2], ungain, bias[0]); s[mt][3] = fmaf(cc[3] + cl[3], ungain, bias[1]);
       if (mask) {
-        if (!mask[tok0 + 16 * mt + gid]) s[mt][0] = s[mt][1] = -INFINITY;
-        if (!mask[tok0 + 16 * mt + gid + 8]) s[mt][2] = s[mt][3] = -INFINITY;
+        if (!mask[tok0 + 16 * mt + tile_row(gid)]) s[mt][0] = s[mt][1] = -INFINITY;
+        if (!mask[tok0 + 16 * mt + tile_row(gid) + 8]) s[mt][2] = s[mt][3] = -INFINITY;
       }
     }
 
@@ -775,19 +851,21 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 
 
   // this lane's fragment rows in a stage: key row gid, value rows 2tig and 2tig + 1 (the loop adds whole 8-row steps)
-  const int key_row0 = St::KEYS + staged_offset<St::KR>(gid, tig * SEGK_B);
-  const int value_row0[2] = {St::VALUES + staged_offset<St::VR>(2 * tig, gid * SEGV_B),
-                             St::VALUES + staged_offset<St::VR>(2 * tig + 1, gid * SEGV_B)};
+  const int key_row0 = St::KEYS + tile_row(gid) * St::KR + tig * SEGK_B;
+  const int value_row0[2] = {St::VALUES + tile_row(2 * tig) * St::VR + gid * SEGV_B,
+                             St::VALUES + tile_row(2 * tig + 1) * St::VR + gid * SEGV_B};
   int stage = 0;
+  uint32_t parity = 0;  // of the stages' current phase: flips each time the loop comes back to stage 0
   for (int c = c_begin; c < c_end; ++c) {
-    cp_async_wait<TT_STAGES - 2>();  // this lane's copies of chunk c have landed ...
-    __syncwarp();                    // ... and every lane's; all lanes are done reading the stage refilled next
+    if (TT_USE_BULK) barrier_wait(landed + stage, parity);  // chunk c has landed
+    else cp_async_wait<TT_STAGES - 2>();                    // (this lane's copies of it)
+    __syncwarp();  // ... for every lane; every lane is done reading the stage refilled next
     if (TT_TRACE && c == c_begin) stamp_split(3);  // 3 first chunk landed
-    issue(c + TT_STAGES - 1, stage == 0 ? TT_STAGES - 1 : stage - 1);
+    issue_next();  // chunk c + TT_STAGES - 1, into the stage chunk c - 1 had
     const uint8_t* st = stages + stage * St::BYTES;
     Chunk ch;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {  // rows 8 apart are 8 rows' bytes apart, swizzled or not (staged_offset)
+    for (int mt = 0; mt < MT; ++mt) {  // tile_row(r + 8) = tile_row(r) + 8
 #pragma unroll
       for (int r = 0; r < 2; ++r)
         load_words<SEGK_B, false>(st + key_row0 + (16 * mt + 8 * r) * St::KR, ch.kw[mt][r]);
@@ -805,9 +883,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #else
     compute_chunk(ch, st, c);
 #endif
-    stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
+    if (++stage == TT_STAGES) { stage = 0; parity ^= 1; }
   }
-  cp_async_wait<0>();
+  if (!TT_USE_BULK) cp_async_wait<0>();
   stamp_split(4);  // 4 loop done
 
   if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)

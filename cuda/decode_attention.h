@@ -3,6 +3,7 @@
 #pragma once
 #ifdef __CUDACC_RTC__  // NVRTC (tools/sass_count.py compiles the kernels alone): no host headers
 typedef unsigned char uint8_t; typedef unsigned short uint16_t; typedef unsigned int uint32_t; typedef long long int64_t;
+typedef unsigned long long uint64_t;
 #define INFINITY __int_as_float(0x7f800000)
 #else
 #include <cstdint>

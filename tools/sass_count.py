@@ -5,7 +5,7 @@
     python tools/sass_count.py --dump /tmp/loop.sass           # also write the loop's steady-state road
 
 Compiles the kernels of cuda/decode_attention.cu for sm_90 (H100/H200) with NVRTC, disassembles the cubin with
-cuobjdump, finds the main loop (the backward branch whose body holds the cp.async copies and the mma instructions)
+cuobjdump, finds the main loop (the backward branch whose body holds the copies and the mma instructions)
 and counts the instructions on its steady-state road: the branches that skip more than --skip-over instructions (the
 query fold at the start of each 128-token block) are left out. With one value group (the default) the run-time choice
 between the folded and the plain value road is taken as the kernel takes it. Prints registers, spills and an opcode
@@ -80,14 +80,14 @@ def branch_target(ins):
 
 
 def steady_loop(code, skip_over):
-    "The steady-state road of the smallest loop holding LDGSTS (cp.async) and, unless none does, HMMA (mma) instructions."
+    "The steady-state road of the smallest loop holding copies (UBLKCP bulk copies or LDGSTS cp.async) and, unless none does, HMMA (mma)."
     loops = []
     for addr, ins in code:
         t = branch_target(ins)
         if t is not None and t < addr:
             body = [(a, x) for a, x in code if t <= a <= addr]
-            if any("LDGSTS" in x for _, x in body): loops.append(body)
-    if not loops: raise RuntimeError("no loop with cp.async instructions found in the kernel")
+            if any("UBLKCP" in x or "LDGSTS" in x for _, x in body): loops.append(body)
+    if not loops: raise RuntimeError("no loop with copy instructions found in the kernel")
     with_mma = [b for b in loops if any("HMMA" in x for _, x in b)]  # none in a TT_ABLATE=1 build
     body = min(with_mma or loops, key=len)
     skipped = set()
@@ -111,7 +111,7 @@ def main():
     args = ap.parse_args()
     kb, vb = (int(b) for b in args.bits.split("/"))
     nvidia = cuda_tools()
-    options = ["-arch=sm_90", "-std=c++17", "-Xptxas=-v", f"-I{nvidia / 'cuda_runtime' / 'include'}"]
+    options = ["-arch=sm_90", "-std=c++17", "-default-device", "-Xptxas=-v", f"-I{nvidia / 'cuda_runtime' / 'include'}"]
     cubin, log = nvrtc_cubin(kernel_source(not args.value_groups), f"quantized_kernel<{args.head_dim},{kb},{vb}>",
                              options + [f"-D{d}" for d in args.define], nvidia)
     path = TOOLS / "kernel.cubin"
