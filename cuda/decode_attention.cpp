@@ -87,9 +87,9 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
 
   const at::cuda::CUDAGuard guard(dev);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // cached by torch
-  static int occupancy[3][3][3] = {};  // blocks per SM for each (head_dim, key_bits, value_bits); asked once
-  int& occ = occupancy[D == 64 ? 0 : D == 128 ? 1 : 2][key_bits - 2][value_bits - 2];
-  if (occ == 0) occ = decode_blocks_per_sm(int(D), int(key_bits), int(value_bits));
+  static int occupancy[3][3][3][4] = {};  // blocks per SM for each (head_dim, key_bits, value_bits, value groups); asked once
+  int& occ = occupancy[D == 64 ? 0 : D == 128 ? 1 : 2][key_bits - 2][value_bits - 2][vgroups == 1 ? 0 : vgroups == 2 ? 1 : vgroups == 4 ? 2 : 3];
+  if (occ == 0) occ = decode_blocks_per_sm(int(D), int(key_bits), int(value_bits), vgroups);
   DecodeParams p{};
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
   p.kc = key_codes.data_ptr<uint8_t>(); p.kc_sb = key_codes.stride(0); p.kc_sh = key_codes.stride(1);

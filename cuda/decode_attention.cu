@@ -49,10 +49,6 @@ namespace {
 #ifndef TT_MIN_BLOCKS
 #define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
 #endif
-#ifndef TT_COMPACT
-#define TT_COMPACT 0   // 1: stages with room for one value group (calls with more are refused), the key rows in two slots
-#endif                 //    per warp beside them, the query staged as its 16-bit numbers: 0.91-0.99x the time at 3 stages;
-                       //    with TT_STAGES=4 (3 blocks still fit) no faster
 #ifndef TT_BULK
 #define TT_BULK 1      // 1: Hopper's bulk copies bring the chunks (one lane, one instruction per region); 0, and on GPUs
 #endif                 //    before Hopper: every lane copies 16-byte pieces with cp.async (same stage layout)
@@ -336,10 +332,10 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
-// The query of the block's heads times softmax scale * log2(e), in fp32 in shared memory ([MAX_HEADS][D], rows past
-// the block's heads zero): the window part and each 128-token block's fold read it there, not from global memory.
-// (TT_COMPACT stages the query's own 16-bit numbers, and the readers scale them: staged_query, the fold.)
-// Loaded in two steps so that its loads go out before the chunks' copies (TT_TRACE: staged 0.3-2 us sooner).
+// The query of the block's heads, its own 16-bit numbers in shared memory ([MAX_HEADS][D], rows past the block's heads
+// zero): the window part and each 128-token block's fold read it there (and scale it by softmax scale * log2(e)), not
+// from global memory. Loaded in two steps so that its loads go out before the chunks' copies (TT_TRACE: staged 0.3-2
+// us sooner).
 template <int D> struct QueryLoad {
   static constexpr int UNITS = MAX_HEADS * D / 8;  // 8 numbers (16 bytes) each: one load per thread at head_dim 128
   uint4 v[(UNITS + WARPS * 32 - 1) / (WARPS * 32)];
@@ -356,30 +352,18 @@ __device__ __forceinline__ void load_query(const DecodeParams& p, QueryLoad<D>& 
   }
 }
 template <int D>
-__device__ __forceinline__ void stage_query(const DecodeParams& p, const QueryLoad<D>& ql, void* staged) {
-  float* qs = static_cast<float*>(staged);
+__device__ __forceinline__ void stage_query(const QueryLoad<D>& ql, uint16_t* staged) {
 #pragma unroll
   for (int k = 0; k < int(sizeof(ql.v) / sizeof(uint4)); ++k) {
     const int u = threadIdx.x + k * WARPS * 32, g = u / (D / 8), d0 = (u % (D / 8)) * 8;
-    if (u >= QueryLoad<D>::UNITS) break;
-    if (TT_COMPACT) {  // the query's own numbers, scaled where they are read (staged_query)
-      reinterpret_cast<uint4*>(static_cast<uint16_t*>(staged) + g * D + d0)[0] = ql.v[k];
-      continue;
-    }
-    const uint32_t w[4] = {ql.v[k].x, ql.v[k].y, ql.v[k].z, ql.v[k].w};
-    float f[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = to_float(uint16_t(w[e / 2] >> (16 * (e % 2))), p.is_bf16) * p.scale_log2;
-    float4* dst = reinterpret_cast<float4*>(qs + g * D + d0);
-    dst[0] = make_float4(f[0], f[1], f[2], f[3]); dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+    if (u < QueryLoad<D>::UNITS) reinterpret_cast<uint4*>(staged + g * D + d0)[0] = ql.v[k];
   }
   __syncthreads();
 }
 
 // Entry i (head * D + channel) of the staged query, times softmax scale * log2(e).
-__device__ __forceinline__ float staged_query(const DecodeParams& p, const void* qs, int i) {
-  if (TT_COMPACT) return to_float(static_cast<const uint16_t*>(qs)[i], p.is_bf16) * p.scale_log2;
-  return static_cast<const float*>(qs)[i];
+__device__ __forceinline__ float staged_query(const DecodeParams& p, const uint16_t* qs, int i) {
+  return to_float(qs[i], p.is_bf16) * p.scale_log2;
 }
 
 // The window tokens [lo, hi) of this warp: split s of the launch takes [s * window_per_split, (s + 1) *
@@ -446,7 +430,7 @@ __device__ __forceinline__ void load_window(const DecodeParams& p, TokenRange r,
 // compile time (rows past them hold a zero query and are never written out). Leaves m, l (on the gid == 0 lanes; the
 // loop's sums run over rows) and acc in the loop's units: the folded rows hold 2^value_pos / CODE_UNIT times the value.
 template <int D, int VB, int NH>
-__device__ __forceinline__ void window_first(const DecodeParams& p, const void* qs, bool fold, TokenRange r,
+__device__ __forceinline__ void window_first(const DecodeParams& p, const uint16_t* qs, bool fold, TokenRange r,
                                              const uint8_t* staged, int room, float (&m)[2], float (&l)[2],
                                              float (&acc)[D / 16][4]) {
   constexpr int PER = D / 32, NMV = D / 16, UNROLL = WindowBatch<D>::UNROLL;
@@ -525,25 +509,27 @@ __device__ __forceinline__ void window_first(const DecodeParams& p, const void* 
   }
 }
 
-// One warp's shared-memory stage: the key codes and value codes of one chunk, the key scale and zero rows of the
-// 128-token block the chunk belongs to (copied only with a warp's first chunk and each block's first), and the
-// chunk's value scales and zeros ([token][group], room for MAX_VALUE_GROUPS groups). Each region is one bulk copy.
+// One warp's shared-memory stage: the key codes and value codes of one chunk, then the chunk's value scales and zeros
+// ([token][group]: room for the call's value groups, so a stage's size is the call's). Each region is one bulk copy.
+// Beside the stages, each warp has two slots for key blocks' scale and zero rows (block t's in slot t & 1, copied with
+// the block's first chunk, or with the warp's first chunk inside it). Shared memory of a block: the query (16-bit),
+// the key row slots, the stages' mbarriers, then the stages.
 template <int D, int KB, int VB>
 struct Stage {
   static constexpr int CH = 16 * TT_MT, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
-  static constexpr int GROUPS = TT_COMPACT ? 1 : MAX_VALUE_GROUPS;         // value groups a stage has room for
-  static constexpr int META = CH * GROUPS * 2;                            // bytes of a chunk's value scales (or zeros)
-  static constexpr int KEY_ROWS = TT_COMPACT ? 0 : 4 * D;                 // (TT_COMPACT: in two slots per warp instead)
-  static constexpr int KEYS = 0, VALUES = CH * KR, KSCALE = CH * (KR + VR), VSCALE = KSCALE + KEY_ROWS,
-                       VZERO = VSCALE + META, BYTES = VZERO + META;
-  static_assert(VALUES % 16 == 0 && KSCALE % 16 == 0 && (CH * 2) % 16 == 0, "chunks are whole 16-byte units");
+  static constexpr int KEYS = 0, VALUES = CH * KR, META = CH * (KR + VR);  // META: the value scales, then their zeros
+  static_assert(VALUES % 128 == 0 && META % 128 == 0, "regions start on 128 bytes (the value loads' bank pattern)");
+  __host__ __device__ static constexpr int meta_bytes(int vgroups) { return CH * vgroups * 2; }  // scales (or zeros)
+  __host__ __device__ static constexpr int bytes(int vgroups) { return META + 2 * meta_bytes(vgroups); }
 };
-template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * (TT_COMPACT ? 2 : 4); }
-template <int D> __host__ __device__ constexpr int key_rows_bytes() { return TT_COMPACT ? WARPS * 2 * 4 * D : 0; }
+template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * 2; }
+template <int D> __host__ __device__ constexpr int key_rows_bytes() { return WARPS * 2 * 4 * D; }  // 2 slots per warp
+constexpr int BARRIER_BYTES = (WARPS * TT_STAGES * 8 + 127) / 128 * 128;                           // an mbarrier per stage
+template <int D> __host__ __device__ constexpr int stages_offset() { return query_bytes<D>() + key_rows_bytes<D>() + BARRIER_BYTES; }
 template <int D, int KB, int VB>
-__host__ __device__ constexpr int shared_bytes() {
-  static_assert(TT_STAGES * Stage<D, KB, VB>::BYTES >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
-  return query_bytes<D>() + key_rows_bytes<D>() + WARPS * TT_STAGES * (Stage<D, KB, VB>::BYTES + 8);  // + mbarriers
+__host__ __device__ constexpr int shared_bytes(int vgroups) {
+  static_assert(TT_STAGES * Stage<D, KB, VB>::bytes(1) >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
+  return stages_offset<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::bytes(vgroups);
 }
 
 template <int D, int KB, int VB>
@@ -581,23 +567,23 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // one being computed: lane 0 asks the copy engine for a chunk's regions (key codes, value codes, value scales and
   // zeros, and a key block's scale and zero rows with the block's first chunk), and the stage's mbarrier says when they
   // have landed. Only __syncwarp is needed: no warp reads another warp's stages.
-  extern __shared__ __align__(16) uint8_t shared_raw[];
-  void* qs = shared_raw;
-  uint8_t* key_rows = shared_raw + query_bytes<D>() + warp * 2 * 4 * D;  // TT_COMPACT: slot (key block & 1) of this warp
-  uint8_t* stages = shared_raw + query_bytes<D>() + key_rows_bytes<D>() + warp * (TT_STAGES * St::BYTES);
-  uint64_t* landed = reinterpret_cast<uint64_t*>(shared_raw + query_bytes<D>() + key_rows_bytes<D>() +
-                                                 WARPS * TT_STAGES * St::BYTES) + warp * TT_STAGES;  // one per stage
+  extern __shared__ __align__(128) uint8_t shared_raw[];
+  uint16_t* qs = reinterpret_cast<uint16_t*>(shared_raw);
+  uint8_t* key_rows = shared_raw + query_bytes<D>() + warp * 2 * 4 * D;  // this warp's two slots
+  uint64_t* landed = reinterpret_cast<uint64_t*>(shared_raw + query_bytes<D>() + key_rows_bytes<D>()) + warp * TT_STAGES;
+  const int stage_bytes = St::bytes(vgroups);
+  uint8_t* stages = shared_raw + stages_offset<D>() + warp * TT_STAGES * stage_bytes;
   if (TT_USE_BULK && lane == 0) {
 #pragma unroll
     for (int i = 0; i < TT_STAGES; ++i) barrier_init(landed + i);
     barrier_init_fence();
   }
   __syncwarp();
-  const uint32_t meta_bytes = CH * vgroups * 2;  // a chunk's value scales (as many bytes of zeros)
+  const uint32_t meta_bytes = St::meta_bytes(vgroups);  // a chunk's value scales (as many bytes of zeros)
   // the next chunk to ask for, and where its regions start (running pointers: the addresses stay in uniform registers)
   int next_c = c_begin, next_stage = 0;
   const uint8_t* next_keys = kc + int64_t(c_begin) * St::VALUES;  // CH * KR bytes per chunk
-  const uint8_t* next_values = vc + int64_t(c_begin) * (St::KSCALE - St::VALUES);
+  const uint8_t* next_values = vc + int64_t(c_begin) * (St::META - St::VALUES);
   const uint16_t* next_scales = vs + int64_t(c_begin) * CH * vgroups;
   const uint16_t* next_zeros = vz + int64_t(c_begin) * CH * vgroups;
   auto copy = [&](void* dst, const void* src, auto size, int stage) {  // one region of a chunk (`size`: Bytes<N> or bytes)
@@ -616,16 +602,16 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   auto issue_next = [&]() {  // the next chunk into the next stage (nothing past the warp's last chunk)
     const int c = next_c, stage = next_stage;
     if (c < c_end) {
-      uint8_t* dst = stages + stage * St::BYTES;
+      uint8_t* dst = stages + stage * stage_bytes;
       const bool key_block = c == c_begin || c % CPT == 0;  // the chunk that starts a key block (or this warp's run)
       if (!TT_USE_BULK || elect_one()) {
-        if (TT_USE_BULK) barrier_expect(landed + stage, St::KSCALE + 2 * meta_bytes + (key_block ? 4 * D : 0));
+        if (TT_USE_BULK) barrier_expect(landed + stage, stage_bytes + (key_block ? 4 * D : 0));
         copy(dst + St::KEYS, next_keys, Bytes<St::VALUES>(), stage);
-        copy(dst + St::VALUES, next_values, Bytes<St::KSCALE - St::VALUES>(), stage);
-        copy(dst + St::VSCALE, next_scales, Bytes<0>{meta_bytes}, stage);
-        copy(dst + St::VZERO, next_zeros, Bytes<0>{meta_bytes}, stage);
+        copy(dst + St::VALUES, next_values, Bytes<St::META - St::VALUES>(), stage);
+        copy(dst + St::META, next_scales, Bytes<0>{meta_bytes}, stage);
+        copy(dst + St::META + meta_bytes, next_zeros, Bytes<0>{meta_bytes}, stage);
         if (key_block) {
-          uint8_t* rows = TT_COMPACT ? key_rows + (c / CPT & 1) * 4 * D : dst + St::KSCALE;
+          uint8_t* rows = key_rows + (c / CPT & 1) * 4 * D;
           const int64_t row = int64_t(c / CPT) * D;
           copy(rows, ks + row, Bytes<2 * D>(), stage);
           copy(rows + 2 * D, kz + row, Bytes<2 * D>(), stage);
@@ -634,7 +620,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       __syncwarp();
       next_c = c + 1;
       next_stage = stage + 1 == TT_STAGES ? 0 : stage + 1;
-      next_keys += St::VALUES; next_values += St::KSCALE - St::VALUES;
+      next_keys += St::VALUES; next_values += St::META - St::VALUES;
       next_scales += CH * vgroups; next_zeros += CH * vgroups;
     }
     if (!TT_USE_BULK) cp_async_commit();  // a group per call, empty past the end: the wait counts stay uniform
@@ -643,12 +629,12 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   QueryLoad<D> query;
   load_query<D>(p, query);
   const TokenRange wr = window_range(p, warp);
-  uint8_t* window_stage = stages + (TT_STAGES - 1) * St::BYTES;  // free until the loop's first refill
-  constexpr int WINDOW_ROOM = St::BYTES / (4 * D);                // rows of keys and of values it holds
-  copy_window<D>(p, wr, window_stage, WINDOW_ROOM);
+  uint8_t* window_stage = stages + (TT_STAGES - 1) * stage_bytes;  // free until the loop's first refill
+  const int window_room = stage_bytes / (4 * D);                    // rows of keys and of values it holds
+  copy_window<D>(p, wr, window_stage, window_room);
 #pragma unroll
   for (int i = 0; i < TT_STAGES - 1; ++i) issue_next();
-  stage_query<D>(p, query, qs);
+  stage_query<D>(query, qs);
   stamp_split(1);  // 1 query staged
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -660,8 +646,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   if (TT_USE_BULK) cp_async_wait<0>();  // the window's rows have landed (the only cp.async group) ...
   else cp_async_wait<TT_STAGES - 1>();   // (the oldest group, ahead of the first chunks')
   __syncwarp();                          // ... for every lane; the first chunks are still on their way
-  if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, WINDOW_ROOM, m_run, l_run, acc);
-  else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, WINDOW_ROOM, m_run, l_run, acc);
+  if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
+  else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   stamp_split(2);  // 2 window attended (warp 0, as the rest)
   uint32_t qh[NP], ql[NP];
   float bias[2] = {0.f, 0.f};
@@ -686,10 +672,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile && (TT_ABLATE != 4 || cur_tile < 0)) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
-      const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(TT_COMPACT ? key_rows + (tile & 1) * 4 * D : st + St::KSCALE);
+      const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(key_rows + (tile & 1) * 4 * D);
       const uint16_t* key_zero_row = key_scale_row + D;
-      const float* qg = static_cast<const float*>(qs) + gid * D;  // this lane's head (a zero row past the block's heads)
-      float bias_part = 0.f;
+      const uint16_t* qg = qs + gid * D;  // this lane's head (a zero row past the block's heads)
+      float bias_part = 0.f;  // (times softmax scale * log2(e) at the end, as the query's entries in the products)
       // the fold's 16-bit numbers converted with the model's dtype known at compile time (one instruction each, not
       // both conversions and a select): the branch is the same on every lane, and only this code is there twice
       auto fold_rows = [&](auto dtype) {
@@ -709,18 +695,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
             sf[8 * h + e] = to_float(uint16_t(sa[e >> 1] >> sh), bf16);
             zf[8 * h + e] = to_float(uint16_t(za[e >> 1] >> sh), bf16);
           }
-          if (TT_COMPACT) {  // 8 of the query's own numbers
-            const uint4 qv = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(qs) + gid * D + ch0 + 8 * h)[0];
-            const uint32_t qa[4] = {qv.x, qv.y, qv.z, qv.w};
+          const uint4 qv = reinterpret_cast<const uint4*>(qg + ch0 + 8 * h)[0];  // 8 of the query's own numbers
+          const uint32_t qa[4] = {qv.x, qv.y, qv.z, qv.w};
 #pragma unroll
-            for (int e = 0; e < 8; ++e) qf[8 * h + e] = to_float(uint16_t(qa[e >> 1] >> (16 * (e & 1))), bf16) * p.scale_log2;
-          } else {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float4 qv = reinterpret_cast<const float4*>(qg + ch0 + 8 * h)[e];
-              qf[8 * h + 4 * e] = qv.x; qf[8 * h + 4 * e + 1] = qv.y; qf[8 * h + 4 * e + 2] = qv.z; qf[8 * h + 4 * e + 3] = qv.w;
-            }
-          }
+          for (int e = 0; e < 8; ++e) qf[8 * h + e] = to_float(uint16_t(qa[e >> 1] >> (16 * (e & 1))), bf16);
         }
 #pragma unroll
         for (int e = 0; e < 16; ++e) bias_part = fmaf(qf[e], zf[e], bias_part);
@@ -729,7 +707,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           int c0, c1;
           key_pair_channels<KB>(i, c0, c1);
           c0 -= 16 * j; c1 -= 16 * j;
-          const float gain = float(KEY_GAIN >> key_pos<KB>(i));  // a power of two
+          const float gain = float(KEY_GAIN >> key_pos<KB>(i)) * p.scale_log2;  // (a power of two times it)
           const float v0 = qf[c0] * sf[c0] * gain, v1 = qf[c1] * sf[c1] * gain;
           const __half2 hi = __floats2half2_rn(v0, v1);
           const __half2 lo = __floats2half2_rn(v0 - __low2float(hi), v1 - __high2float(hi));
@@ -740,14 +718,14 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       if (bf16) fold_rows(Bool<true>());
       else fold_rows(Bool<false>());
       bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
-      bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 2);
+      bias_part = (bias_part + __shfl_xor_sync(0xffffffffu, bias_part, 2)) * p.scale_log2;
       bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
       bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
     }
     // the value scales and zeros of this chunk's tokens, as two halves (see meta_at); bf16 ones become fp16 (non-fold:
     // the dequantization is fp16 arithmetic)
-    const uint16_t* vsm = reinterpret_cast<const uint16_t*>(st + St::VSCALE);
-    const uint16_t* vzm = reinterpret_cast<const uint16_t*>(st + St::VZERO);
+    const uint16_t* vsm = reinterpret_cast<const uint16_t*>(st + St::META);
+    const uint16_t* vzm = reinterpret_cast<const uint16_t*>(st + St::META + meta_bytes);
     const int next = fold ? 8 : (tig & 1 ? -vgroups : vgroups);  // the second half: token gid + 8 (fold), or 2tig + 1
     uint32_t vsc[MT][2], vzr[MT][2];
 #pragma unroll
@@ -862,7 +840,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     __syncwarp();  // ... for every lane; every lane is done reading the stage refilled next
     if (TT_TRACE && c == c_begin) stamp_split(3);  // 3 first chunk landed
     issue_next();  // chunk c + TT_STAGES - 1, into the stage chunk c - 1 had
-    const uint8_t* st = stages + stage * St::BYTES;
+    const uint8_t* st = stages + stage * stage_bytes;
     Chunk ch;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {  // tile_row(r + 8) = tile_row(r) + 8
@@ -876,7 +854,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #if TT_ABLATE == 1  // keep the loads alive, compute nothing
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      sink ^= ch.kw[mt][0].w[0] ^ ch.kw[mt][1].w[0] ^ reinterpret_cast<const uint32_t*>(st + St::VSCALE)[lane];
+      sink ^= ch.kw[mt][0].w[0] ^ ch.kw[mt][1].w[0] ^ reinterpret_cast<const uint32_t*>(st + St::META)[lane];
 #pragma unroll
       for (int r = 0; r < 4; ++r) sink ^= ch.vw[mt][r].w[0];
     }
@@ -893,7 +871,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // --- one partial per block: the 4 warps' states (window and chunks), merged in shared memory ---
   __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
   stamp_split(5);  // 5 every warp's loop done
-  float* o_sh = reinterpret_cast<float*>(shared_raw + query_bytes<D>());
+  float* o_sh = reinterpret_cast<float*>(shared_raw + stages_offset<D>());  // (past the mbarriers: they stay barriers)
   float* ml_sh = o_sh + WARPS * MAX_HEADS * D;
   float* my_o = o_sh + warp * MAX_HEADS * D;
   float* my_ml = ml_sh + warp * MAX_HEADS * 2;
@@ -976,9 +954,9 @@ __global__ void combine_kernel(const DecodeParams p) {
 // device (once per device: above 48 KB a kernel must ask, and the carveout prefers shared memory over L1).
 struct KernelRef { const void* fn; int shared; };
 template <int D, int KB, int VB>
-KernelRef kernel_ref() {
+KernelRef kernel_ref(int vgroups) {
   const void* f = reinterpret_cast<const void*>(&quantized_kernel<D, KB, VB>);
-  constexpr int bytes = shared_bytes<D, KB, VB>();
+  constexpr int bytes = shared_bytes<D, KB, VB>(MAX_VALUE_GROUPS);  // the most a call asks for
   static unsigned long long ready = 0;  // bit per device
   int dev = 0;
   cudaGetDevice(&dev);
@@ -987,12 +965,12 @@ KernelRef kernel_ref() {
     cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
     ready |= 1ull << dev;
   }
-  return {f, bytes};
+  return {f, shared_bytes<D, KB, VB>(vgroups)};
 }
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.splits, p.Hkv * p.head_groups, p.B);
-  const KernelRef k = kernel_ref<D, KB, VB>();
+  const KernelRef k = kernel_ref<D, KB, VB>(p.vgroups);
   quantized_kernel<D, KB, VB><<<grid, WARPS * 32, k.shared, stream>>>(p);
 }
 template <int D, int KB>
@@ -1008,16 +986,16 @@ void dispatch_kb(const DecodeParams& p, cudaStream_t s) {
   else dispatch_vb<D, 4>(p, s);
 }
 template <int D, int KB>
-KernelRef pick_vb(int vb) {
-  if (vb == 2) return kernel_ref<D, KB, 2>();
-  if (vb == 3) return kernel_ref<D, KB, 3>();
-  return kernel_ref<D, KB, 4>();
+KernelRef pick_vb(int vb, int vgroups) {
+  if (vb == 2) return kernel_ref<D, KB, 2>(vgroups);
+  if (vb == 3) return kernel_ref<D, KB, 3>(vgroups);
+  return kernel_ref<D, KB, 4>(vgroups);
 }
 template <int D>
-KernelRef pick_kb(int kb, int vb) {
-  if (kb == 2) return pick_vb<D, 2>(vb);
-  if (kb == 3) return pick_vb<D, 3>(vb);
-  return pick_vb<D, 4>(vb);
+KernelRef pick_kb(int kb, int vb, int vgroups) {
+  if (kb == 2) return pick_vb<D, 2>(vb, vgroups);
+  if (kb == 3) return pick_vb<D, 3>(vb, vgroups);
+  return pick_vb<D, 4>(vb, vgroups);
 }
 
 #endif  // __CUDACC_RTC__
@@ -1035,16 +1013,16 @@ KernelRef pick_kb(int kb, int vb) {
 #define TT_BUILDS(d) 1
 #endif
 
-int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits) {
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_groups) {
   KernelRef k{nullptr, 0};
 #if TT_BUILDS(64)
-  if (head_dim == 64) k = pick_kb<64>(key_bits, value_bits);
+  if (head_dim == 64) k = pick_kb<64>(key_bits, value_bits, value_groups);
 #endif
 #if TT_BUILDS(128)
-  if (head_dim == 128) k = pick_kb<128>(key_bits, value_bits);
+  if (head_dim == 128) k = pick_kb<128>(key_bits, value_bits, value_groups);
 #endif
 #if TT_BUILDS(256)
-  if (head_dim == 256) k = pick_kb<256>(key_bits, value_bits);
+  if (head_dim == 256) k = pick_kb<256>(key_bits, value_bits, value_groups);
 #endif
   if (k.fn == nullptr) return 1;
   int n = 0;
@@ -1065,7 +1043,6 @@ int64_t decode_trace(int64_t* host) {
 }
 
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  if (TT_COMPACT && p.vgroups != 1) return cudaErrorNotSupported;  // (a variant under test: its stages hold one group)
   bool built = false;
 #if TT_BUILDS(64)
   if (p.D == 64) { dispatch_kb<64>(p, stream); built = true; }

@@ -43,8 +43,9 @@ constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 8, TRACE_COMBINE_B
 constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
 
 #ifndef __CUDACC_RTC__
-// How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once.
-int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits);
+// How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once (a stage's size depends
+// on the value groups).
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_groups);
 
 // TT_TRACE builds: copies both clocks' stamps ([2][TRACE_SLOTS]) into host and clears them; returns how many (0 otherwise).
 int64_t decode_trace(int64_t* host);

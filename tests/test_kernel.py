@@ -88,18 +88,6 @@ def test_kernel_variants(defines):
         check(*case, defines=defines)
 
 
-@pytest.mark.slow
-def test_compact_variant():
-    "TT_COMPACT (stages with room for one value group: 0.91-0.99x the time) on the fixed shapes with one group; more are refused."
-    defines = ("TT_COMPACT=1",)
-    for case in FIXED:
-        if case[7] is None: check(*case, defines=defines)
-    h = make_history(2, 2, 64, 1000, 3, 2, 32, torch.float16)
-    q = torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="not supported"):
-        fused_decode_attention(q, h, defines=defines)
-
-
 def test_unsupported_inputs_say_why():
     h = make_history(1, 1, 96, 300, 4, 4, None, torch.float16)
     q = torch.randn(1, 2, 1, 96, device="cuda", dtype=torch.float16)
