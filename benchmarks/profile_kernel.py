@@ -4,8 +4,12 @@ replayed from a CUDA graph and the floor of any two-kernel call (two empty kerne
 
     ncu --clock-control none --set full -k regex:quantized_kernel -c 1 python benchmarks/profile_kernel.py --batch 8 --context 65536
     python benchmarks/profile_kernel.py --breakdown     # writes benchmarks/results/kernel_h200_breakdown.json
+
+`--summarize RAW SASS` condenses what `ncu --import prof.ncu-rep --page raw --csv` and `--page source --csv
+--print-source sass` print (no GPU needed) into a small JSON: why the warps stalled, per issued instruction, and how
+many instructions ran per 32-token chunk in each part of the kernel (the parts told apart by how often they ran).
 """
-import argparse, json, re
+import argparse, collections, csv, json, re
 from pathlib import Path
 import torch
 from tiny_turboquant.kernel import fused_decode_attention, build_kernel
@@ -20,6 +24,35 @@ def short_name(kernel):
     kernel = kernel.replace("(anonymous namespace)::", "").removeprefix("void ")
     m = re.match(r"\s*([A-Za-z_][\w:]*)", kernel)
     return (m.group(1) if m else kernel).split("::")[-1]
+
+
+def ncu_number(x):
+    x = x.replace(",", "")
+    try: return float(x)
+    except ValueError: return 0.0
+
+
+def summarize_ncu(raw_csv, sass_csv, chunks):
+    "Stall reasons and executed instructions of one profiled launch (ncu CSV exports), per 32-token chunk of `chunks`."
+    raw = list(csv.reader(open(raw_csv)))
+    metrics, units = dict(zip(raw[0], raw[2])), dict(zip(raw[0], raw[1]))
+    prefix = "smsp__average_warps_issue_stalled_"
+    stalls = {k[len(prefix):].removesuffix("_per_issue_active.ratio"): ncu_number(v) for k, v in metrics.items()
+              if k.startswith(prefix) and k.endswith("_per_issue_active.ratio") and ncu_number(v) >= 0.01}
+    rows = list(csv.reader(open(sass_csv)))
+    header = rows[1]
+    col = {h: i for i, h in enumerate(header)}
+    runs = collections.Counter()  # instructions per execution count: each part of the kernel runs a fixed number of times
+    for r in rows[2:]:
+        if len(r) == len(header): runs[ncu_number(r[col["Instructions Executed"]])] += 1
+    parts = [dict(executions=int(e), instructions=n, per_chunk=round(e * n / chunks, 1))
+             for e, n in sorted(runs.items(), key=lambda kv: -kv[0] * kv[1])[:6]]
+    pick = lambda name: ncu_number(metrics.get(name, "0"))
+    return dict(stalled_warps_per_issued_instruction=dict(sorted(stalls.items(), key=lambda kv: -kv[1])),
+                warps_per_scheduler=pick("smsp__warps_active.avg.per_cycle_active"),
+                issue_slots_busy_pct=pick("smsp__issue_active.avg.pct_of_peak_sustained_active"),
+                dram_read=f"{metrics.get('dram__bytes_read.sum.per_second')} {units.get('dram__bytes_read.sum.per_second')}",
+                instructions_per_chunk=round(pick("smsp__inst_executed.sum") / chunks, 1), parts_by_executions=parts)
 
 
 def kernel_us(f, reps):
@@ -68,8 +101,15 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times over several shapes, written as JSON")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200_breakdown.json"))
+    ap.add_argument("--summarize", nargs=2, metavar=("RAW_CSV", "SASS_CSV"), help="condense ncu's CSV exports of one launch")
     args = ap.parse_args()
-    if args.breakdown:
+    if args.summarize:
+        Hq, Hkv, D = SHAPES[args.shape]
+        summary = dict(shape=args.shape, batch=args.batch, context=args.context, bits=args.bits,
+                       **summarize_ncu(*args.summarize, chunks=args.batch * Hkv * args.context // 32))
+        print(json.dumps(summary, indent=1))
+        if args.out != ap.get_default("out"): Path(args.out).write_text(json.dumps(summary, indent=1))
+    elif args.breakdown:
         breakdown(max(args.reps, 20), tuple(args.define), args.out)
     else:
         Hq, Hkv, D = SHAPES[args.shape]

@@ -57,6 +57,9 @@ namespace {
 #else
 #define TT_USE_BULK 0
 #endif
+#ifndef TT_CARVEOUT
+#define TT_CARVEOUT 100  // percent of the unified L1 / shared memory the kernel prefers as shared memory (the rest is L1)
+#endif
 #ifndef TT_TRACE
 #define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
 #endif
@@ -962,7 +965,7 @@ KernelRef kernel_ref(int vgroups) {
   cudaGetDevice(&dev);
   if (bytes > 0 && dev < 64 && !(ready >> dev & 1ull)) {
     cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+    cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, TT_CARVEOUT);
     ready |= 1ull << dev;
   }
   return {f, shared_bytes<D, KB, VB>(vgroups)};
