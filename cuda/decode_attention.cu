@@ -57,6 +57,10 @@ namespace {
 #else
 #define TT_USE_BULK 0
 #endif
+#ifndef TT_MAX_SLACK
+#define TT_MAX_SLACK 4  // > 0: a warp's running max moves only when a score passes it by more than this (log2 units: the
+#endif                  //    probabilities stay below 2^TT_MAX_SLACK), so most chunks skip the max's warp reduction;
+                        //    0: the exact running max every chunk
 #ifndef TT_CARVEOUT
 #define TT_CARVEOUT 100  // percent of the unified L1 / shared memory the kernel prefers as shared memory (the rest is L1)
 #endif
@@ -646,11 +650,14 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 #pragma unroll
   for (int i = 0; i < NMV; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float zsum_part[2] = {0.f, 0.f};  // (fold) this lane's share of sum_t p_t z_t for heads 2tig, 2tig+1 (tokens gid, gid+8)
+  float base[2];                     // what the scores' exponents are taken from: m_run, or 0 while it is -inf
   if (TT_USE_BULK) cp_async_wait<0>();  // the window's rows have landed (the only cp.async group) ...
   else cp_async_wait<TT_STAGES - 1>();   // (the oldest group, ahead of the first chunks')
   __syncwarp();                          // ... for every lane; the first chunks are still on their way
   if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
+  base[0] = m_run[0] == -INFINITY ? 0.f : m_run[0];
+  base[1] = m_run[1] == -INFINITY ? 0.f : m_run[1];
   stamp_split(2);  // 2 window attended (warp 0, as the rest)
   uint32_t qh[NP], ql[NP];
   float bias[2] = {0.f, 0.f};
@@ -766,33 +773,43 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
 
     // --- online softmax over the chunk (cols = heads 2*tig, 2*tig+1) ---
-    float alpha[2];
+    float lane_max[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      float mx = -INFINITY;
+      lane_max[e] = -INFINITY;
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) mx = fmaxf(mx, fmaxf(s[mt][e], s[mt][e + 2]));
-      mx = warp_max_rows(mx);
-      const float mn = fmaxf(m_run[e], mx);
-      const float base = mn == -INFINITY ? 0.f : mn;  // every key so far masked: exp2(-inf - 0) = 0, not NaN
-      alpha[e] = fast_exp2(m_run[e] - base);
-      m_run[e] = mn;
-      float sum = 0.f;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        s[mt][e] = fast_exp2(s[mt][e] - base);
-        s[mt][e + 2] = fast_exp2(s[mt][e + 2] - base);
-        sum += s[mt][e] + s[mt][e + 2];
-      }
-      l_run[e] = l_run[e] * alpha[e] + sum;
+      for (int mt = 0; mt < MT; ++mt) lane_max[e] = fmaxf(lane_max[e], fmaxf(s[mt][e], s[mt][e + 2]));
     }
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // a running max moved: rarely, after the start
+    // the running max moves (the warp's max, then everything rescaled) only when a score passes it by more than the
+    // slack: rarely after a warp's first chunks. Every state stays consistent with its own max, so the merges after the
+    // loop need nothing else. (TT_MAX_SLACK=0: at every chunk, as it first was.)
+    if (__any_sync(0xffffffffu, lane_max[0] > m_run[0] + TT_MAX_SLACK || lane_max[1] > m_run[1] + TT_MAX_SLACK)) {
+      float alpha[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float mn = fmaxf(m_run[e], warp_max_rows(lane_max[e]));
+        alpha[e] = mn == -INFINITY ? 1.f : fast_exp2(m_run[e] - mn);  // (m_run = -inf: 0, nothing was summed yet)
+        m_run[e] = mn;
+        base[e] = mn == -INFINITY ? 0.f : mn;  // every key so far masked: exp2(-inf - 0) = 0, not NaN
+        l_run[e] *= alpha[e];
+        zsum_part[e] *= alpha[e];
+      }
 #pragma unroll
       for (int i = 0; i < NMV; ++i) {
         acc[i][0] *= alpha[0]; acc[i][1] *= alpha[1]; acc[i][2] *= alpha[0]; acc[i][3] *= alpha[1];
       }
     }
-    zsum_part[0] *= alpha[0]; zsum_part[1] *= alpha[1];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float sum = 0.f;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        s[mt][e] = fast_exp2(s[mt][e] - base[e]);
+        s[mt][e + 2] = fast_exp2(s[mt][e + 2] - base[e]);
+        sum += s[mt][e] + s[mt][e + 2];
+      }
+      l_run[e] += sum;
+    }
 
     // --- out^T[channel, head] += v^T[channel, token] p[token, head] ---
 #pragma unroll
