@@ -539,7 +539,9 @@ __host__ __device__ constexpr int shared_bytes(int vgroups) {
   return stages_offset<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::bytes(vgroups);
 }
 
-template <int D, int KB, int VB>
+// MASKED: the call has a key mask (p.mask). Without one the main loop has no mask code at all: 29 of its 410 SASS
+// instructions per chunk (head_dim 128, 4-bit), which a run-time test left in place as predicated loads and selects.
+template <int D, int KB, int VB, bool MASKED>
 __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
   constexpr int SEGK = D / 4, SEGK_B = SEGK * KB / 8;  // a lane's slice of a key row: channels, bytes
   constexpr int SEGV = D / 8, SEGV_B = SEGV * VB / 8;  // a lane's slice of a value row
@@ -566,7 +568,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const uint8_t* vc = p.vc + b * p.vc_sb + hkv * p.vc_sh;
   const uint16_t* vs = static_cast<const uint16_t*>(p.vs) + b * p.vm_sb + hkv * p.vm_sh;
   const uint16_t* vz = static_cast<const uint16_t*>(p.vz) + b * p.vm_sb + hkv * p.vm_sh;
-  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
+  const uint8_t* mask = MASKED ? p.mask + b * p.mask_sb : nullptr;
   const int vgroups = p.vgroups, vgroup = (gid * SEGV) / (D / vgroups);  // the host checks a lane's slice is in one group
   const bool fold = TT_FOLD && VB != 3 && vgroups == 1;  // value scale folded into the probabilities
 
@@ -766,7 +768,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       constexpr float ungain = CODE_UNIT / KEY_GAIN;
       s[mt][0] = fmaf(cc[0] + cl[0], ungain, bias[0]); s[mt][1] = fmaf(cc[1] + cl[1], ungain, bias[1]);
       s[mt][2] = fmaf(cc[2] + cl[2], ungain, bias[0]); s[mt][3] = fmaf(cc[3] + cl[3], ungain, bias[1]);
-      if (mask) {
+      if (MASKED) {
         if (!mask[tok0 + 16 * mt + tile_row(gid)]) s[mt][0] = s[mt][1] = -INFINITY;
         if (!mask[tok0 + 16 * mt + tile_row(gid) + 8]) s[mt][2] = s[mt][3] = -INFINITY;
       }
@@ -973,9 +975,9 @@ __global__ void combine_kernel(const DecodeParams p) {
 // The kernel of one (head_dim, key bits, value bits), with the dynamic shared memory it needs allowed on the current
 // device (once per device: above 48 KB a kernel must ask, and the carveout prefers shared memory over L1).
 struct KernelRef { const void* fn; int shared; };
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, bool MASKED = false>
 KernelRef kernel_ref(int vgroups) {
-  const void* f = reinterpret_cast<const void*>(&quantized_kernel<D, KB, VB>);
+  const void* f = reinterpret_cast<const void*>(&quantized_kernel<D, KB, VB, MASKED>);
   constexpr int bytes = shared_bytes<D, KB, VB>(MAX_VALUE_GROUPS);  // the most a call asks for
   static unsigned long long ready = 0;  // bit per device
   int dev = 0;
@@ -990,8 +992,13 @@ KernelRef kernel_ref(int vgroups) {
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.splits, p.Hkv * p.head_groups, p.B);
-  const KernelRef k = kernel_ref<D, KB, VB>(p.vgroups);
-  quantized_kernel<D, KB, VB><<<grid, WARPS * 32, k.shared, stream>>>(p);
+  if (p.mask) {
+    const KernelRef k = kernel_ref<D, KB, VB, true>(p.vgroups);
+    quantized_kernel<D, KB, VB, true><<<grid, WARPS * 32, k.shared, stream>>>(p);
+  } else {
+    const KernelRef k = kernel_ref<D, KB, VB, false>(p.vgroups);
+    quantized_kernel<D, KB, VB, false><<<grid, WARPS * 32, k.shared, stream>>>(p);
+  }
 }
 template <int D, int KB>
 void dispatch_vb(const DecodeParams& p, cudaStream_t s) {

@@ -52,7 +52,7 @@ def build_kernel(verbose=False, defines=()):
     src, arch = kernel_source_dir(), f"{major}{minor}"
     name = f"tiny_turboquant_decode_sm{arch}" + "".join("_" + d.replace("=", "") for d in defines)
     if not verbose and not is_built(name):  # else a first decode step would sit silent for a minute
-        _log.warning("compiling the fused decode kernel %s (once per machine, about a minute; torch caches the build)", name)
+        _log.warning("compiling the fused decode kernel %s (once per machine, a minute or two; torch caches the build)", name)
     _EXTENSIONS[defines] = cpp_extension.load(
         name=name, verbose=verbose,
         sources=[str(src / "decode_attention.cpp"), str(src / "decode_attention.cu")],

@@ -106,13 +106,15 @@ def main():
     ap.add_argument("--bits", default="4/4", help="key/value bits, e.g. 4/2")
     ap.add_argument("-D", "--define", action="append", default=[], help="kernel macro, e.g. TT_FOLD=1")
     ap.add_argument("--value-groups", action="store_true", help="count the road for several value groups (no fold)")
+    ap.add_argument("--masked", action="store_true", help="the kernel of calls with a key mask")
     ap.add_argument("--skip-over", type=int, default=250, help="leave out forward branches over more instructions")
     ap.add_argument("--dump", help="write the steady-state road's instructions to this file")
     args = ap.parse_args()
     kb, vb = (int(b) for b in args.bits.split("/"))
     nvidia = cuda_tools()
     options = ["-arch=sm_90", "-std=c++17", "-default-device", "-Xptxas=-v", f"-I{nvidia / 'cuda_runtime' / 'include'}"]
-    cubin, log = nvrtc_cubin(kernel_source(not args.value_groups), f"quantized_kernel<{args.head_dim},{kb},{vb}>",
+    name = f"quantized_kernel<{args.head_dim},{kb},{vb},{'true' if args.masked else 'false'}>"
+    cubin, log = nvrtc_cubin(kernel_source(not args.value_groups), name,
                              options + [f"-D{d}" for d in args.define], nvidia)
     path = TOOLS / "kernel.cubin"
     path.write_bytes(cubin)
@@ -125,7 +127,7 @@ def main():
     spills = int(re.search(r"(\d+) bytes spill stores", mine).group(1))
     body, road = steady_loop(instructions(quantized), args.skip_over)
     hist = collections.Counter(opcode(x) for _, x in road)
-    print(f"quantized_kernel<{args.head_dim},{kb},{vb}> {' '.join(args.define) or '(default build)'}: "
+    print(f"{name} {' '.join(args.define) or '(default build)'}: "
           f"{regs} registers, {spills} bytes spilled")
     print(f"main loop: {len(body)} instructions; steady-state road: {len(road)} per chunk")
     print("  " + " ".join(f"{k}:{v}" for k, v in hist.most_common()))
