@@ -197,9 +197,15 @@ __device__ __forceinline__ void barrier_init(uint64_t* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(bar)) : "memory");
 #endif
 }
+__device__ __forceinline__ void proxy_fence() {  // this thread's shared-memory accesses ordered before the copy engine's
+#if TT_USE_BULK
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void barrier_init_fence() {  // the barriers' first state seen by the copy engine
 #if TT_USE_BULK
-  asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  proxy_fence();
 #endif
 }
 __device__ __forceinline__ void barrier_expect(uint64_t* bar, uint32_t bytes) {  // the one arrival, with its bytes to come
@@ -573,7 +579,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const bool fold = TT_FOLD && VB != 3 && vgroups == 1;  // value scale folded into the probabilities
 
   // Each warp streams its chunks through TT_STAGES shared-memory stages of its own, TT_STAGES - 1 chunks ahead of the
-  // one being computed: lane 0 asks the copy engine for a chunk's regions (key codes, value codes, value scales and
+  // one being computed: one lane asks the copy engine for a chunk's regions (key codes, value codes, value scales and
   // zeros, and a key block's scale and zero rows with the block's first chunk), and the stage's mbarrier says when they
   // have landed. Only __syncwarp is needed: no warp reads another warp's stages.
   extern __shared__ __align__(128) uint8_t shared_raw[];
@@ -658,6 +664,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   __syncwarp();                          // ... for every lane; the first chunks are still on their way
   if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
+  // the window's stage was written by cp.async and read by this warp; the copy engine refills it next: order the two
+  // proxies' accesses (PTX asks for a proxy fence between them)
+  if (TT_USE_BULK) proxy_fence();
   base[0] = m_run[0] == -INFINITY ? 0.f : m_run[0];
   base[1] = m_run[1] == -INFINITY ? 0.f : m_run[1];
   stamp_split(2);  // 2 window attended (warp 0, as the rest)
