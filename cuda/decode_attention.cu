@@ -138,7 +138,6 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
 }
 
 template <bool B> struct Bool { static constexpr bool value = B; };  // a compile-time flag as an argument
-template <int N> struct Bytes { static constexpr int value = N; uint32_t bytes = N; };  // a size, known (N > 0) or not
 
 // NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
@@ -601,18 +600,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const uint8_t* next_values = vc + int64_t(c_begin) * (St::META - St::VALUES);
   const uint16_t* next_scales = vs + int64_t(c_begin) * CH * vgroups;
   const uint16_t* next_zeros = vz + int64_t(c_begin) * CH * vgroups;
-  auto copy = [&](void* dst, const void* src, auto size, int stage) {  // one region of a chunk (`size`: Bytes<N> or bytes)
-    constexpr int N = decltype(size)::value;  // bytes known at compile time, 0: the argument's
-    const uint32_t bytes = N ? N : size.bytes;
+  auto copy = [&](void* dst, const void* src, uint32_t bytes, int stage) {  // one region of a chunk
     if (TT_USE_BULK) { bulk_copy(dst, src, bytes, landed + stage); return; }  // (by the one elected lane)
-    auto unit = [&](int u) { cp_async16(static_cast<uint8_t*>(dst) + 16 * u, static_cast<const uint8_t*>(src) + 16 * u); };
-    if (N) {
-#pragma unroll
-      for (int i = 0; i < (N / 16 + 31) / 32; ++i)
-        if ((N / 16) % 32 == 0 || lane + 32 * i < N / 16) unit(lane + 32 * i);
-    } else {
-      for (int u = lane; u < int(bytes / 16); u += 32) unit(u);
-    }
+    for (int u = lane; u < int(bytes / 16); u += 32)  // (before Hopper: 16 bytes per lane at a time)
+      cp_async16(static_cast<uint8_t*>(dst) + 16 * u, static_cast<const uint8_t*>(src) + 16 * u);
   };
   auto issue_next = [&]() {  // the next chunk into the next stage (nothing past the warp's last chunk)
     const int c = next_c, stage = next_stage;
@@ -621,15 +612,15 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       const bool key_block = c == c_begin || c % CPT == 0;  // the chunk that starts a key block (or this warp's run)
       if (!TT_USE_BULK || elect_one()) {
         if (TT_USE_BULK) barrier_expect(landed + stage, stage_bytes + (key_block ? 4 * D : 0));
-        copy(dst + St::KEYS, next_keys, Bytes<St::VALUES>(), stage);
-        copy(dst + St::VALUES, next_values, Bytes<St::META - St::VALUES>(), stage);
-        copy(dst + St::META, next_scales, Bytes<0>{meta_bytes}, stage);
-        copy(dst + St::META + meta_bytes, next_zeros, Bytes<0>{meta_bytes}, stage);
+        copy(dst + St::KEYS, next_keys, St::VALUES, stage);
+        copy(dst + St::VALUES, next_values, St::META - St::VALUES, stage);
+        copy(dst + St::META, next_scales, meta_bytes, stage);
+        copy(dst + St::META + meta_bytes, next_zeros, meta_bytes, stage);
         if (key_block) {
           uint8_t* rows = key_rows + (c / CPT & 1) * 4 * D;
           const int64_t row = int64_t(c / CPT) * D;
-          copy(rows, ks + row, Bytes<2 * D>(), stage);
-          copy(rows + 2 * D, kz + row, Bytes<2 * D>(), stage);
+          copy(rows, ks + row, 2 * D, stage);
+          copy(rows + 2 * D, kz + row, 2 * D, stage);
         }
       }
       __syncwarp();
