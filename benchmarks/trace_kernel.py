@@ -2,14 +2,14 @@
 
     python benchmarks/trace_kernel.py                     # writes benchmarks/results/kernel_h200_trace.json
 
-Builds the kernel with TT_TRACE=1: thread 0 of each block stamps %globaltimer (nanoseconds, one clock for every
-multiprocessor) and clock64 (the multiprocessor's cycles) at its start (0), once the query is staged (1), after the
-window (2), when its warp's first chunk has landed (3), when its warp's loop is done (4), when every warp's is (5), when
-the block's partial is written (6) and, in the last block of each row to finish, when it has merged the row's partials
-into the output (7). One eager call after warm-up, on random data (bench_kernel.random_history). Times are
-microseconds from the first block's start: when blocks start, when the phases end (medians and maxima over blocks),
-and each phase's length per block from clock64 (the stamps cost a few instructions: 521 instead of 511 per chunk in the
-main loop, no spills, by tools/sass_count.py -D TT_TRACE=1).
+Builds the kernel with TT_TRACE=1: thread 0 of each block of the split kernel stamps %globaltimer (nanoseconds, one
+clock for every multiprocessor) and clock64 (the multiprocessor's cycles) at its start (0), once the query is staged
+(1), after the window (2), when its warp's first chunk has landed (3), when its warp's loop is done (4), when every warp's
+is (5) and when the block's partial is written (6); each block of the combine kernel stamps its start and end. One
+eager call after warm-up, on random data (bench_kernel.random_history). Times are microseconds from the first block's
+start: when blocks start, when the phases end (medians and maxima over blocks), and each phase's length per block from
+clock64 (the stamps cost a few instructions: 521 instead of 511 per chunk in the main loop, no spills, by
+tools/sass_count.py -D TT_TRACE=1).
 """
 import argparse, datetime, json
 from pathlib import Path
@@ -19,7 +19,6 @@ from bench_kernel import SHAPES, random_history
 
 PHASES = ["start", "query staged", "window", "first chunk landed", "loop done (warp 0)", "loop done (all warps)",
           "partial written"]
-MERGED = len(PHASES)  # the event the row's last block stamps when the row is merged
 
 
 def quantiles(x):
@@ -41,12 +40,11 @@ def trace_one(shape, B, context, defines, reps=3):
     if clocks is None: raise RuntimeError("the kernel was not built with TT_TRACE=1")
     SPLIT_BLOCKS, SPLIT_EVENTS = ext.TRACE_SPLIT_BLOCKS, ext.TRACE_SPLIT_EVENTS  # the slot layout, as the header has it
     ns, cycles = clocks[0], clocks[1]
-    split_ns = ns.view(SPLIT_BLOCKS, SPLIT_EVENTS)
-    merged = split_ns[:, MERGED][split_ns[:, MERGED] > 0]
-    split_ns = split_ns[:, :len(PHASES)]
-    split_cy = cycles.view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
+    split_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
+    split_cy = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
+    comb = ns[SPLIT_BLOCKS * SPLIT_EVENTS:].view(-1, 2)
     used = split_ns[:, 0] > 0
-    split_ns, split_cy = split_ns[used], split_cy[used]
+    split_ns, split_cy, comb = split_ns[used], split_cy[used], comb[comb[:, 0] > 0]
     # a block with no chunk of its own stamps no "first chunk landed": take its window's end
     split_ns[:, 3] = torch.where(split_ns[:, 3] > 0, split_ns[:, 3], split_ns[:, 2])
     split_cy[:, 3] = torch.where(split_cy[:, 3] > 0, split_cy[:, 3], split_cy[:, 2])
@@ -57,10 +55,10 @@ def trace_one(shape, B, context, defines, reps=3):
                for e in range(1, len(PHASES))}
     cycle_lengths = {f"{PHASES[e - 1]} -> {PHASES[e]}": quantiles((split_cy[:, e] - split_cy[:, e - 1]).double())
                      for e in range(1, len(PHASES))}
-    return dict(shape=shape, batch=B, context=context, blocks=int(used.sum()), merging_blocks=len(merged),
-                split_end_us=us(split_ns[:, 6].max()).item(),
-                merged_us=quantiles(us(merged)) if len(merged) else None,  # rows of one split write the output at 6
-                phase_end_us=phase_us, phase_length_us=lengths, phase_length_cycles=cycle_lengths)
+    return dict(shape=shape, batch=B, context=context, split_blocks=int(used.sum()), combine_blocks=len(comb),
+                split_end_us=us(split_ns[:, 6].max()).item(), combine_start_us=quantiles(us(comb[:, 0])),
+                combine_end_us=us(comb[:, 1].max()).item(), phase_end_us=phase_us, phase_length_us=lengths,
+                phase_length_cycles=cycle_lengths)
 
 
 def main():
@@ -76,15 +74,14 @@ def main():
         r = trace_one(shape, B, ctx, defines)
         rows.append(r)
         med = lambda name: r["phase_end_us"][name]["median"]
-        print(f"{shape:11} B={B:2} ctx={ctx:6}: {r['blocks']} blocks; starts {r['phase_end_us']['start']['median']:.1f}"
+        print(f"{shape:11} B={B:2} ctx={ctx:6}: {r['split_blocks']} blocks; starts {r['phase_end_us']['start']['median']:.1f}"
               f"/{r['phase_end_us']['start']['max']:.1f} us (median/max), query {med('query staged'):.1f}, window {med('window'):.1f}, "
               f"first chunk {med('first chunk landed'):.1f}, loop done {med('loop done (all warps)'):.1f}"
               f"/{r['phase_end_us']['loop done (all warps)']['max']:.1f}, partial {med('partial written'):.1f}"
-              f"/{r['split_end_us']:.1f}; rows merged {r['merged_us']['median'] if r['merged_us'] else 0:.1f}"
-              f"/{r['merged_us']['max'] if r['merged_us'] else 0:.1f} us", flush=True)
+              f"/{r['split_end_us']:.1f}; combine {r['combine_start_us']['min']:.1f}-{r['combine_end_us']:.1f} us", flush=True)
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, defines=list(defines),
                   date=datetime.datetime.now().isoformat(timespec="seconds"), phases=PHASES, calls=rows,
-                  notes="microseconds from the first block's start; phase_end_us: when each block reached the phase "
+                  notes="microseconds from the first split block's start; phase_end_us: when each block reached the phase "
                         "(over blocks); phase_length_*: per block, between consecutive phases")
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("wrote", args.out)

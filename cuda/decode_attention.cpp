@@ -2,8 +2,6 @@
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <map>
-#include <mutex>
 #include "decode_attention.h"
 
 namespace {
@@ -30,21 +28,6 @@ at::Tensor aligned(const at::Tensor& t) {
   bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d < 2 && d + 1 < t.dim(); ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * esize) % 16 == 0);
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // (contiguous() would hand back a contiguous misaligned t)
-}
-
-// The row counters for launches on `stream` of device `dev`: a set of its own per stream (launches on two streams may run
-// at once), null once every set of the device is taken. A CUDA graph keeps the set of the stream it was captured on.
-int* row_counters(int dev, cudaStream_t stream) {
-  static std::mutex lock;
-  static std::map<std::pair<int, cudaStream_t>, int*> taken;
-  static std::map<int, int> used;  // sets handed out per device
-  const std::lock_guard<std::mutex> hold(lock);
-  const auto key = std::make_pair(dev, stream);
-  const auto it = taken.find(key);
-  if (it != taken.end()) return it->second;
-  int* counters = used[dev] < COUNTER_SLOTS ? decode_row_counters(used[dev]) : nullptr;
-  if (counters) ++used[dev];
-  return taken[key] = counters;
 }
 
 }  // namespace
@@ -126,13 +109,10 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.head_groups = (p.G + 7) / 8;
   // split-K: pick the number of splits per (row, head group) so that the blocks fill whole waves of the GPU (at least
   // 90% of the resident slots busy), with at least 2 key blocks per split so every warp has a few chunks to pipeline;
-  // every split also takes a share of the window, so no block is left with the window alone. A row's last block to
-  // finish merges its splits, counting on the stream's row counters; without them, one split per row.
+  // every split also takes a share of the window, so no block is left with the window alone
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
   const int64_t resident = int64_t(sms) * occ;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  p.counters = rows <= COUNTER_ROWS ? row_counters(dev.index(), stream) : nullptr;
-  const int64_t max_splits = p.counters ? std::min<int64_t>(MAX_SPLITS, std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64})) : 1;
+  const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64});
   int64_t splits = 1; double best_eff = 0;
   for (int64_t s = 1; s <= max_splits; ++s) {
     const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
@@ -146,14 +126,13 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);
-  // one partial per block (its warps and its share of the window merged in shared memory first); none with one split
-  const int64_t parts = p.splits > 1 ? p.splits : 0;
-  at::Tensor o_part = at::empty({B, Hq, parts, D}, f32), ml_part = at::empty({B, Hq, parts, 2}, f32);
+  // one partial per block: its warps and its share of the window are merged in shared memory first
+  at::Tensor o_part = at::empty({B, Hq, p.splits, D}, f32), ml_part = at::empty({B, Hq, p.splits, 2}, f32);
   at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
   p.out_f32 = float_output;
   p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();
   p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sh = out.stride(1);
-  const cudaError_t err = launch_decode_attention(p, stream);
+  const cudaError_t err = launch_decode_attention(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "decode_attention kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -172,4 +151,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the trace's slot layout (decode_attention.h), for benchmarks/trace_kernel.py
   m.attr("TRACE_SPLIT_BLOCKS") = TRACE_SPLIT_BLOCKS;
   m.attr("TRACE_SPLIT_EVENTS") = TRACE_SPLIT_EVENTS;
+  m.attr("TRACE_COMBINE_BLOCKS") = TRACE_COMBINE_BLOCKS;
 }

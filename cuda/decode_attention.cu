@@ -1,14 +1,14 @@
 // Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
 //
-// One launch of `quantized_kernel`, grid (split, kv head * head group, batch row). A block has 4 warps. Split s takes a
-// range of whole 128-token key blocks and a share of the full-precision window. Each warp first attends its quarter of
-// that share (copied into its last stage ahead of its first chunks), then walks its quarter of the block's 32-token
-// chunks, going on with the same online-softmax state (the main loop has no block barrier), copying them into its own
-// shared-memory stages TT_STAGES - 1 chunks ahead of the one it computes (codes, the value scales and zeros, and each
-// key block's scale and zero rows; on Hopper one bulk copy per region, asked for by one lane, before Hopper cp.async
-// from every lane) and reading the mma fragments from there. The block merges its warps' states (running max m, sum l,
-// unnormalised output o) in shared memory into one partial per split, and the last block of a row to finish merges
-// the row's partials into the output.
+// One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
+// warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window. Each warp first
+// attends its quarter of that share (copied into its last stage ahead of its first chunks), then walks its quarter of
+// the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
+// copying them into its own shared-memory stages TT_STAGES - 1 chunks ahead of the one it computes (codes, the value
+// scales and zeros, and each key block's scale and zero rows; on Hopper one bulk copy per region, asked for by one
+// lane, before Hopper cp.async from every lane) and reading the mma fragments from there. The block merges its warps'
+// states (running max m, sum l, unnormalised output o) in shared memory into one partial per split; `combine_kernel`
+// merges those.
 // The host picks the number of splits so that the grid is one whole wave of resident blocks where it can.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
@@ -75,9 +75,6 @@ constexpr int WARPS = 4;         // warps per block of the split kernel
 #if TT_TRACE
 __device__ unsigned long long trace_clocks[2][TRACE_SLOTS];  // [%globaltimer (ns, one clock for all SMs), clock64][slot]
 #endif
-// Per row, how many of its blocks are done (the kernel's end): a set per slot, so that launches on different streams
-// never share one. A launch leaves its counters at zero as it found them.
-__device__ int row_counters[COUNTER_SLOTS][COUNTER_ROWS];
 __device__ __forceinline__ int block_index() { return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); }
 __device__ __forceinline__ void stamp(int slot) {  // thread 0 of the block (TT_TRACE builds)
 #if TT_TRACE
@@ -90,6 +87,9 @@ __device__ __forceinline__ void stamp(int slot) {  // thread 0 of the block (TT_
 }
 __device__ __forceinline__ void stamp_split(int event) {
   if (TT_TRACE && block_index() < TRACE_SPLIT_BLOCKS) stamp(block_index() * TRACE_SPLIT_EVENTS + event);
+}
+__device__ __forceinline__ void stamp_combine(int event) {
+  if (TT_TRACE && block_index() < TRACE_COMBINE_BLOCKS) stamp(TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + block_index() * 2 + event);
 }
 constexpr int TILE = 128;        // tokens per key block (key scales are per channel per 128 tokens)
 constexpr int MAX_HEADS = 8;     // query heads per block (the mma's n = 8)
@@ -332,40 +332,6 @@ __device__ __forceinline__ uint32_t dequant2(uint32_t magic_code, __half2 scale,
 
 // The weight 2^(m - M) of a state with running max m in a merge whose max is M; an empty state (m = -inf) weighs 0.
 __device__ __forceinline__ float merge_weight(float m, float M) { return m == -INFINITY ? 0.f : exp2f(m - M); }
-// A warp merges n online-softmax states of one head, state(i) = (its max m_i, its sum l_i), each lane taking every 32nd:
-// weights[i] = 2^(m_i - M) and merged = (M, sum_i weights[i] l_i), M the largest m_i. The merged unnormalised output is
-// sum_i weights[i] o_i (divided by the merged sum at the end).
-template <typename State>
-__device__ __forceinline__ void merge_weights(int n, State state, float* weights, float* merged) {
-  const int lane = threadIdx.x & 31;
-  float M = -INFINITY, L = 0.f;
-  for (int i = lane; i < n; i += 32) M = fmaxf(M, state(i).x);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-  for (int i = lane; i < n; i += 32) {
-    const float2 v = state(i);
-    weights[i] = merge_weight(v.x, M);
-    L = fmaf(weights[i], v.y, L);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
-  if (lane == 0) { merged[0] = M; merged[1] = L; }
-}
-__device__ __forceinline__ void axpy4(float4& y, float a, float4 x) {
-  y.x = fmaf(a, x.x, y.x); y.y = fmaf(a, x.y, y.y); y.z = fmaf(a, x.z, y.z); y.w = fmaf(a, x.w, y.w);
-}
-// channels d..d+3 of query head `head` (over the batch: batch row * Hq + head) of the output: o / l, zeros where nothing
-// was attended (l = 0)
-__device__ __forceinline__ void store_output(const DecodeParams& p, int64_t head, int d, float4 o, float l) {
-  const float r = l > 0.f ? 1.f / l : 0.f;
-  o.x *= r; o.y *= r; o.z *= r; o.w *= r;
-  const int Hq = p.Hkv * p.G;
-  const int64_t at = (head / Hq) * p.out_sb + (head % Hq) * p.out_sh + d;
-  if (p.out_f32) { reinterpret_cast<float4*>(static_cast<float*>(p.out) + at)[0] = o; return; }
-  const uint32_t lo = uint32_t(from_float(o.x, p.is_bf16)) | uint32_t(from_float(o.y, p.is_bf16)) << 16;
-  const uint32_t hi = uint32_t(from_float(o.z, p.is_bf16)) | uint32_t(from_float(o.w, p.is_bf16)) << 16;
-  reinterpret_cast<uint2*>(static_cast<uint16_t*>(p.out) + at)[0] = make_uint2(lo, hi);
-}
 
 __device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes sharing tig (the token rows)
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
@@ -578,83 +544,10 @@ __host__ __device__ constexpr int shared_bytes(int vgroups) {
   return stages_offset<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::bytes(vgroups);
 }
 
-// The block's end: its warps' states (o_sh [WARPS][MAX_HEADS][D], then [WARPS][MAX_HEADS][2] maxima and sums, in
-// shared memory) merged into the block's, written out as the output (one split per row) or as the split's partial;
-// the last block of a row to finish merges the row's partials. Not inlined: the main loop's registers are then
-// allocated without this code (inlined, its changes moved the loop from 511 to 523-531 instructions per chunk).
-template <int D>
-__device__ __noinline__ void finish_block(const DecodeParams& p, float* o_sh) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.z * gridDim.y + blockIdx.y;  // (batch row, kv head, head group)
-  const int h0 = (blockIdx.y % p.head_groups) * MAX_HEADS, GH = min(MAX_HEADS, p.G - h0);
-  const int64_t head0 = int64_t(row / p.head_groups) * p.G + h0;  // the block's first query head, over the batch
-  float* ml_sh = o_sh + WARPS * MAX_HEADS * D;
-  float* weights = ml_sh + WARPS * MAX_HEADS * 2;  // [MAX_HEADS][WARPS]
-  float* head_ml = weights + MAX_HEADS * WARPS;    // [MAX_HEADS][2]: the block's max and sum per head
-  for (int g = warp; g < GH; g += WARPS)  // a warp per head
-    merge_weights(WARPS, [&](int w) { return reinterpret_cast<const float2*>(ml_sh)[w * MAX_HEADS + g]; },
-                  weights + g * WARPS, head_ml + 2 * g);
-  __syncthreads();
-  constexpr int UNITS = MAX_HEADS * D / 4 / (WARPS * 32);  // 4-channel units of the block's output per thread
-#pragma unroll
-  for (int u = 0; u < UNITS; ++u) {
-    const int i = threadIdx.x + u * WARPS * 32, g = i / (D / 4), d = 4 * (i % (D / 4));
-    if (g >= GH) continue;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) axpy4(o, weights[g * WARPS + w], reinterpret_cast<const float4*>(o_sh + (w * MAX_HEADS + g) * D + d)[0]);
-    if (p.splits == 1) store_output(p, head0 + g, d, o, head_ml[2 * g + 1]);  // the block is the row
-    else reinterpret_cast<float4*>(p.o_part + ((head0 + g) * p.splits + blockIdx.x) * D + d)[0] = o;
-  }
-  if (p.splits == 1) { stamp_split(6); return; }
-  if (threadIdx.x < GH) reinterpret_cast<float2*>(p.ml_part)[(head0 + threadIdx.x) * p.splits + blockIdx.x] =
-      reinterpret_cast<const float2*>(head_ml)[threadIdx.x];
-  stamp_split(6);  // 6 partial written
-
-  // --- the row's last block to finish merges the splits' partials (no second kernel) ---
-  // Each block's writes are made visible GPU-wide before it counts itself done; the block that counts last reads
-  // them past L1 (ld.global.cg) and sets the counter back for the next launch.
-  __threadfence();
-  __syncthreads();
-  int* row_done = reinterpret_cast<int*>(head_ml + 2 * MAX_HEADS);
-  if (threadIdx.x == 0) {
-    int* counter = p.counters + row;
-    *row_done = atomicAdd(counter, 1) == p.splits - 1;
-    if (*row_done) *counter = 0;
-  }
-  __syncthreads();
-  if (!*row_done) return;
-  __threadfence();
-  const int S = p.splits;
-  static_assert(MAX_SPLITS <= WARPS * D, "the splits' weights fit where the warps' outputs were");
-  float* split_weights = o_sh;  // [GH][S] (the block's own state is written out)
-  for (int g = warp; g < GH; g += WARPS) {  // a warp per head
-    const float2* ml = reinterpret_cast<const float2*>(p.ml_part) + (head0 + g) * S;
-    merge_weights(S, [&](int s) { return __ldcg(ml + s); }, split_weights + g * S, head_ml + 2 * g);
-  }
-  __syncthreads();
-  float4 o[UNITS];
-#pragma unroll
-  for (int u = 0; u < UNITS; ++u) o[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-  for (int s = 0; s < S; ++s)  // every thread's loads of 4 splits go out together
-#pragma unroll
-    for (int u = 0; u < UNITS; ++u) {
-      const int i = threadIdx.x + u * WARPS * 32, g = i / (D / 4), d = 4 * (i % (D / 4));
-      if (g < GH) axpy4(o[u], split_weights[g * S + s], __ldcg(reinterpret_cast<const float4*>(p.o_part + ((head0 + g) * S + s) * D + d)));
-    }
-#pragma unroll
-  for (int u = 0; u < UNITS; ++u) {
-    const int i = threadIdx.x + u * WARPS * 32, g = i / (D / 4), d = 4 * (i % (D / 4));
-    if (g < GH) store_output(p, head0 + g, d, o[u], head_ml[2 * g + 1]);
-  }
-  stamp_split(7);  // 7 the row merged (its last block)
-}
-
 // MASKED: the call has a key mask (p.mask). Without one the main loop has no mask code at all: 29 of its 410 SASS
 // instructions per chunk (head_dim 128, 4-bit), which a run-time test left in place as predicated loads and selects.
 template <int D, int KB, int VB, bool MASKED>
-__global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quantized_kernel(const DecodeParams p) {
   constexpr int SEGK = D / 4, SEGK_B = SEGK * KB / 8;  // a lane's slice of a key row: channels, bytes
   constexpr int SEGV = D / 8, SEGV_B = SEGV * VB / 8;  // a lane's slice of a value row
   constexpr int NP = D / 8;                            // key channel pairs per lane
@@ -997,7 +890,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 
   if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)
 
-  // --- the block's state: its 4 warps' states (window and chunks), merged in shared memory ---
+  // --- one partial per block: the 4 warps' states (window and chunks), merged in shared memory ---
   __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
   stamp_split(5);  // 5 every warp's loop done
   float* o_sh = reinterpret_cast<float*>(shared_raw + stages_offset<D>());  // (past the mbarriers: they stay barriers)
@@ -1020,7 +913,62 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
   }
   __syncthreads();
-  finish_block<D>(p, o_sh);
+  for (int i = threadIdx.x; i < GH * D; i += WARPS * 32) {  // the block's partial: channel d of head g
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, ml_sh[w * MAX_HEADS * 2 + 2 * g]);
+    float L = 0.f, o = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float a = merge_weight(ml_sh[w * MAX_HEADS * 2 + 2 * g], M);
+      L = fmaf(a, ml_sh[w * MAX_HEADS * 2 + 2 * g + 1], L);
+      o = fmaf(a, o_sh[(w * MAX_HEADS + g) * D + d], o);
+    }
+    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x;
+    p.o_part[base * D + d] = o;
+    if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
+  }
+  stamp_split(6);  // 6 partial written
+}
+
+// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head. Block (b*h, d/32):
+// 32 channels of one head; each warp sums every WARPS-th partial, then the warps' sums are added in shared memory.
+__global__ void combine_kernel(const DecodeParams p) {
+  stamp_combine(0);
+  const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = blockIdx.y * 32 + lane;
+  const int Hq = p.Hkv * p.G, b = bh / Hq, h = bh % Hq;
+  const float* ml = p.ml_part + int64_t(bh) * p.splits * 2;
+  const float* o = p.o_part + int64_t(bh) * p.splits * p.D;
+  __shared__ float share[3][WARPS][32];
+  float M = -INFINITY;
+  for (int i = threadIdx.x; i < p.splits; i += WARPS * 32) M = fmaxf(M, ml[2 * i]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+  share[0][warp][lane] = M;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share[0][w][lane]);
+  float L = 0.f, acc = 0.f;
+#pragma unroll 4
+  for (int i = warp; i < p.splits; i += WARPS) {  // loads first, then a select: no branch between a load and its use
+    const float mi = ml[2 * i], li = ml[2 * i + 1], oi = o[int64_t(i) * p.D + d];
+    const bool empty = mi == -INFINITY;  // no tokens (or every one masked): its o was never written
+    const float w = merge_weight(mi, M);
+    L = fmaf(w, empty ? 0.f : li, L);
+    acc = fmaf(w, empty ? 0.f : oi, acc);
+  }
+  share[1][warp][lane] = L; share[2][warp][lane] = acc;
+  __syncthreads();
+  if (warp) return;
+  L = 0.f; acc = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) { L += share[1][w][lane]; acc += share[2][w][lane]; }
+  const float r = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
+  const int64_t o_idx = b * p.out_sb + int64_t(h) * p.out_sh + d;
+  if (p.out_f32) static_cast<float*>(p.out)[o_idx] = r;
+  else static_cast<uint16_t*>(p.out)[o_idx] = from_float(r, p.is_bf16);
+  stamp_combine(1);
 }
 
 #ifndef __CUDACC_RTC__  // the host side: launches (NVRTC compiles only the kernels above, for tools/sass_count.py)
@@ -1109,12 +1057,6 @@ int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_g
   return n > 0 ? n : 1;
 }
 
-int* decode_row_counters(int slot) {
-  void* counters = nullptr;
-  if (slot < 0 || slot >= COUNTER_SLOTS || cudaGetSymbolAddress(&counters, row_counters) != cudaSuccess) return nullptr;
-  return static_cast<int*>(counters) + slot * COUNTER_ROWS;
-}
-
 int64_t decode_trace(int64_t* host) {
 #if TT_TRACE
   if (cudaMemcpyFromSymbol(host, trace_clocks, sizeof(trace_clocks)) != cudaSuccess) return 0;
@@ -1139,6 +1081,9 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   if (p.D == 256) { dispatch_kb<256>(p, stream); built = true; }
 #endif
   if (!built) return cudaErrorInvalidValue;
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  combine_kernel<<<dim3(p.B * p.Hkv * p.G, p.D / 32), WARPS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 #endif  // __CUDACC_RTC__

@@ -33,32 +33,23 @@ struct DecodeParams {
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
   float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum)
-  int* counters;                           // [B, Hkv * head_groups] blocks done per row, zeros (splits > 1)
   void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype (float32 when out_f32)
   int out_f32;
 };
 
-constexpr int MAX_SPLITS = 256;  // splits per row at most (the merge keeps a weight per split in shared memory)
-// Row counters: COUNTER_SLOTS sets (a stream's launches take one set) of COUNTER_ROWS; a launch with more rows, or on
-// a stream past the slots, takes one split per row, which needs none.
-constexpr int COUNTER_SLOTS = 8, COUNTER_ROWS = 8192;
-
 // TT_TRACE builds (benchmarks/trace_kernel.py): the phases of each block of the last launch, slot b * TRACE_SPLIT_EVENTS
-// + e for block b's phase e
-constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 8;
-constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS;
+// + e for split block b's phase e, then TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
+constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 8, TRACE_COMBINE_BLOCKS = 16384;
+constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
 
 #ifndef __CUDACC_RTC__
 // How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once (a stage's size depends
 // on the value groups).
 int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_groups);
 
-// The device address of counter set `slot` on the current device (null if there is none).
-int* decode_row_counters(int slot);
-
 // TT_TRACE builds: copies both clocks' stamps ([2][TRACE_SLOTS]) into host and clears them; returns how many (0 otherwise).
 int64_t decode_trace(int64_t* host);
 
-// Launches the kernel on `stream`; returns the first CUDA error.
+// Launches the split kernels and the combine kernel on `stream`; returns the first CUDA error.
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
 #endif

@@ -88,24 +88,6 @@ def test_kernel_variants(defines):
         check(*case, defines=defines)
 
 
-def test_calls_on_many_streams_at_once():
-    """Calls in flight on 12 streams at once: the first 8 streams get a set of row counters each (a row's last block
-    merges its splits), the rest one split per row; every result matches the reference, and a stream's second call
-    (counters left at zero by the first) gives the same numbers."""
-    cases = [make_history(1, 8, 128, 4000 + 500 * i, 4, 4, None, torch.float16) for i in range(12)]
-    queries = [torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16) for _ in cases]
-    streams = [torch.cuda.Stream() for _ in cases]
-    torch.cuda.synchronize()
-    outs = []
-    for s, h, q in zip(streams, cases, queries):
-        with torch.cuda.stream(s):
-            outs.append([fused_decode_attention(q, h, out_dtype=torch.float32) for _ in range(2)])
-    torch.cuda.synchronize()
-    for (first, again), h, q in zip(outs, cases, queries):
-        assert relative_error(first, reference_decode_attention(q, h)) < TOLERANCE
-        torch.testing.assert_close(again, first, rtol=0, atol=0)
-
-
 def test_unsupported_inputs_say_why():
     h = make_history(1, 1, 96, 300, 4, 4, None, torch.float16)
     q = torch.randn(1, 2, 1, 96, device="cuda", dtype=torch.float16)
