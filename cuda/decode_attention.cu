@@ -67,8 +67,14 @@ namespace {
 #ifndef TT_TRACE
 #define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
 #endif
+#ifndef TT_FIRST_AHEAD
+#define TT_FIRST_AHEAD (TT_STAGES - 1)  // chunks a warp asks for before it attends the window (the rest of the
+#endif                                  // TT_STAGES - 1 ahead right after)
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
+#endif
+#if TT_FIRST_AHEAD < 0 || TT_FIRST_AHEAD > TT_STAGES - 1
+#error "TT_FIRST_AHEAD must be between 0 and TT_STAGES - 1"
 #endif
 constexpr int WARPS = 4;         // warps per block of the split kernel
 
@@ -143,6 +149,23 @@ template <bool B> struct Bool { static constexpr bool value = B; };  // a compil
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
 
 // One load of a T from global memory through the read-only cache (GLOBAL) or from shared memory (a plain load, LDS).
+// N consecutive floats (N even, 8-byte aligned; 16-byte from N = 4), read-only for the kernel
+template <int N> struct Floats { float f[N]; };
+template <int N>
+__device__ __forceinline__ Floats<N> load_floats(const float* p) {
+  Floats<N> r;
+  if constexpr (N == 2) {
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
+    r.f[0] = v.x; r.f[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(p + i));
+      r.f[i] = v.x; r.f[i + 1] = v.y; r.f[i + 2] = v.z; r.f[i + 3] = v.w;
+    }
+  }
+  return r;
+}
 template <bool GLOBAL, typename T>
 __device__ __forceinline__ T load(const T* p) {
   if constexpr (GLOBAL) return __ldg(p);
@@ -639,7 +662,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int window_room = stage_bytes / (4 * D);                    // rows of keys and of values it holds
   copy_window<D>(p, wr, window_stage, window_room);
 #pragma unroll
-  for (int i = 0; i < TT_STAGES - 1; ++i) issue_next();
+  for (int i = 0; i < TT_FIRST_AHEAD; ++i) issue_next();
   stage_query<D>(query, qs);
   stamp_split(1);  // 1 query staged
 
@@ -651,13 +674,15 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   float zsum_part[2] = {0.f, 0.f};  // (fold) this lane's share of sum_t p_t z_t for heads 2tig, 2tig+1 (tokens gid, gid+8)
   float base[2];                     // what the scores' exponents are taken from: m_run, or 0 while it is -inf
   if (TT_USE_BULK) cp_async_wait<0>();  // the window's rows have landed (the only cp.async group) ...
-  else cp_async_wait<TT_STAGES - 1>();   // (the oldest group, ahead of the first chunks')
+  else cp_async_wait<TT_FIRST_AHEAD>();  // (the oldest group, ahead of the first chunks')
   __syncwarp();                          // ... for every lane; the first chunks are still on their way
   if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   // the window's stage was written by cp.async and read by this warp; the copy engine refills it next: order the two
   // proxies' accesses (PTX asks for a proxy fence between them)
   if (TT_USE_BULK) proxy_fence();
+#pragma unroll
+  for (int i = TT_FIRST_AHEAD; i < TT_STAGES - 1; ++i) issue_next();
   base[0] = m_run[0] == -INFINITY ? 0.f : m_run[0];
   base[1] = m_run[1] == -INFINITY ? 0.f : m_run[1];
   stamp_split(2);  // 2 window attended (warp 0, as the rest)
@@ -932,42 +957,76 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   stamp_split(6);  // 6 partial written
 }
 
-// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head. Block (b*h, d/32):
-// 32 channels of one head; each warp sums every WARPS-th partial, then the warps' sums are added in shared memory.
-__global__ void combine_kernel(const DecodeParams p) {
+// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head, block b * Hq + h.
+// Each warp merges every WARPS-th partial with an online max, COMBINE_BATCH partials at a time whose loads all go out
+// together (up to WARPS * COMBINE_BATCH splits cost one round trip to L2), each lane D/32 channels; then the warps'
+// states merge in shared memory.
+constexpr int COMBINE_BATCH = 16;
+template <int D>
+__global__ void __launch_bounds__(WARPS * 32) combine_kernel(const DecodeParams p) {
+  constexpr int PER = D / 32;  // channels per lane
   stamp_combine(0);
-  const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = blockIdx.y * 32 + lane;
-  const int Hq = p.Hkv * p.G, b = bh / Hq, h = bh % Hq;
-  const float* ml = p.ml_part + int64_t(bh) * p.splits * 2;
-  const float* o = p.o_part + int64_t(bh) * p.splits * p.D;
-  __shared__ float share[3][WARPS][32];
-  float M = -INFINITY;
-  for (int i = threadIdx.x; i < p.splits; i += WARPS * 32) M = fmaxf(M, ml[2 * i]);
+  const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits;
+  const float2* ml = reinterpret_cast<const float2*>(p.ml_part) + int64_t(bh) * S;
+  const float* o = p.o_part + int64_t(bh) * S * D + lane * PER;
+  float M = -INFINITY, L = 0.f, acc[PER];
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-  share[0][warp][lane] = M;
-  __syncthreads();
+  for (int i = 0; i < PER; ++i) acc[i] = 0.f;
+  for (int s0 = warp; s0 < S; s0 += WARPS * COMBINE_BATCH) {
+    float2 part_ml[COMBINE_BATCH];
+    Floats<PER> part_o[COMBINE_BATCH];
 #pragma unroll
-  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share[0][w][lane]);
-  float L = 0.f, acc = 0.f;
-#pragma unroll 4
-  for (int i = warp; i < p.splits; i += WARPS) {  // loads first, then a select: no branch between a load and its use
-    const float mi = ml[2 * i], li = ml[2 * i + 1], oi = o[int64_t(i) * p.D + d];
-    const bool empty = mi == -INFINITY;  // no tokens (or every one masked): its o was never written
-    const float w = merge_weight(mi, M);
-    L = fmaf(w, empty ? 0.f : li, L);
-    acc = fmaf(w, empty ? 0.f : oi, acc);
+    for (int k = 0; k < COMBINE_BATCH; ++k) {  // past the last split: the last again, weighted 0 below
+      const int s = min(s0 + k * WARPS, S - 1);
+      part_ml[k] = __ldg(ml + s);
+      part_o[k] = load_floats<PER>(o + int64_t(s) * D);
+    }
+    float M_new = M;
+#pragma unroll
+    for (int k = 0; k < COMBINE_BATCH; ++k) if (s0 + k * WARPS < S) M_new = fmaxf(M_new, part_ml[k].x);
+    const float a = merge_weight(M, M_new);  // (0 while nothing is summed)
+    L *= a;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) acc[i] *= a;
+#pragma unroll
+    for (int k = 0; k < COMBINE_BATCH; ++k) {  // a split with no tokens (or every one masked) has m = -inf: weight 0
+      const bool used = s0 + k * WARPS < S && part_ml[k].x != -INFINITY;
+      const float w = used ? exp2f(part_ml[k].x - M_new) : 0.f;
+      L = fmaf(w, used ? part_ml[k].y : 0.f, L);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) acc[i] = fmaf(w, used ? part_o[k].f[i] : 0.f, acc[i]);
+    }
+    M = M_new;
   }
-  share[1][warp][lane] = L; share[2][warp][lane] = acc;
+  __shared__ float share_ml[WARPS][2], share_o[WARPS][D];
+  if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
+#pragma unroll
+  for (int i = 0; i < PER; ++i) share_o[warp][lane * PER + i] = acc[i];
   __syncthreads();
   if (warp) return;
-  L = 0.f; acc = 0.f;
+  M = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < WARPS; ++w) { L += share[1][w][lane]; acc += share[2][w][lane]; }
-  const float r = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
-  const int64_t o_idx = b * p.out_sb + int64_t(h) * p.out_sh + d;
-  if (p.out_f32) static_cast<float*>(p.out)[o_idx] = r;
-  else static_cast<uint16_t*>(p.out)[o_idx] = from_float(r, p.is_bf16);
+  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share_ml[w][0]);
+  L = 0.f;
+  float out[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) out[i] = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) {
+    const float a = merge_weight(share_ml[w][0], M);
+    L = fmaf(a, share_ml[w][1], L);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) out[i] = fmaf(a, share_o[w][lane * PER + i], out[i]);
+  }
+  const float r = L > 0.f ? 1.f / L : 0.f;  // a row with every key masked gets zeros
+  const int Hq = p.Hkv * p.G;
+  const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + lane * PER;
+#pragma unroll
+  for (int i = 0; i < PER; i += 2) {
+    if (p.out_f32) *reinterpret_cast<float2*>(static_cast<float*>(p.out) + at + i) = make_float2(out[i] * r, out[i + 1] * r);
+    else *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + at + i) =
+        uint32_t(from_float(out[i] * r, p.is_bf16)) | uint32_t(from_float(out[i + 1] * r, p.is_bf16)) << 16;
+  }
   stamp_combine(1);
 }
 
@@ -1083,7 +1142,10 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  combine_kernel<<<dim3(p.B * p.Hkv * p.G, p.D / 32), WARPS * 32, 0, stream>>>(p);
+  const int heads = p.B * p.Hkv * p.G;  // a combine block per query head
+  if (p.D == 64) combine_kernel<64><<<heads, WARPS * 32, 0, stream>>>(p);
+  else if (p.D == 128) combine_kernel<128><<<heads, WARPS * 32, 0, stream>>>(p);
+  else combine_kernel<256><<<heads, WARPS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 #endif  // __CUDACC_RTC__
