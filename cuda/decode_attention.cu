@@ -258,12 +258,14 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
 #endif
 }
 
-// Where token r (0-15) of a 16-token mma tile sits among the tile's rows in a stage: tokens 2 and 3 (6 and 7) trade
-// places. The value fragment loads of one instruction then read rows {0, 3, 4, 7} (or {1, 2, 5, 6}): with 64-byte rows
-// (4-bit, head_dim 128) two land in each half of the banks, so the rows can stay in the order the copy engine writes
-// them (no swizzle) without bank conflicts. The mma does not care which token is which row as long as the scores, the
-// probabilities and the values agree.
-__host__ __device__ constexpr int tile_row(int r) { return r ^ ((r >> 1) & 1); }
+// Where token r (0-15) of a 16-token mma tile sits among the tile's rows in a stage: within each half of the tile, the
+// Gray code of r (0 1 3 2 6 7 5 4). The value fragment loads of one instruction then read rows {0, 3, 6, 5} (or {1, 2,
+// 7, 4}): two of each parity, so with 64-byte rows (4-bit, head_dim 128) two land in each half of the banks, and one of
+// each residue mod 4, so with 32-byte rows (2-bit head_dim 128, 4-bit head_dim 64) each lands in its own quarter. The
+// rows can then stay in the order the copy engine writes them (no swizzle). The mma does not care which token is
+// which row as long as the scores, the probabilities and the values agree; tile_row(r + 8) = tile_row(r) + 8, and
+// tile_row(2i + 1) - tile_row(2i) is +1 for even i, -1 for odd i (the value scales' pairs rely on both).
+__host__ __device__ constexpr int tile_row(int r) { return (r & 8) | ((r & 7) ^ ((r & 7) >> 1)); }
 
 // code of channel c (bits [c*BITS, (c+1)*BITS) of the little-endian word stream); c is a compile-time constant
 // after unrolling, so this folds to a shift and a mask (a funnel shift where a 3-bit code straddles two words).
