@@ -2,6 +2,7 @@
 
     python benchmarks/ab_kernel.py --baseline d1fd665                 # that revision's cuda/ sources, exported with git
     python benchmarks/ab_kernel.py --baseline-dir /tmp/other_cuda     # a folder with another decode_attention.{cpp,cu,h}
+    python benchmarks/ab_kernel.py --baseline d1fd665 --bits 4/2      # caches of other bits (4/4 unless told)
 
 Two runs on a lent GPU differ by a few percent (the machine, its clocks, the copy bandwidth), as much as a kernel change
 may gain: a change is judged by timing both kernels here, interleaved, on the same caches. Both are built for head_dim
@@ -48,15 +49,15 @@ def build_baseline(folder, name):
 
 
 def attend(ext, q, h):
-    "One decode step through `ext`'s binding (4-bit keys and values, the whole window)."
+    "One decode step through `ext`'s binding (the whole window)."
     return ext.decode_attention(q[:, :, 0], h.key_codes, h.key_scale, h.key_zero, h.value_codes, h.value_scale, h.value_zero,
                                 h.window_keys, h.window_values, None, None, h.key_bits, h.value_bits, q.shape[-1] ** -0.5, False)
 
 
-def compare(kernels, shape, B, context, reps, rounds, copy_bw):
+def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
     Hq, Hkv, D = SHAPES[shape]
-    first = random_history(B, Hkv, D, context, 4, 4)
-    layers = [first] + [random_history(B, Hkv, D, context, 4, 4) for _ in range(layer_count(first.nbytes()) - 1)]
+    first = random_history(B, Hkv, D, context, *bits)
+    layers = [first] + [random_history(B, Hkv, D, context, *bits) for _ in range(layer_count(first.nbytes()) - 1)]
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
     outs = {name: attend(ext, q, first).float() for name, ext in kernels.items()}
     base = outs["baseline"]
@@ -65,7 +66,7 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw):
         for name, ext in kernels.items():
             times[name].append(per_layer_us([lambda h=h, ext=ext: attend(ext, q, h) for h in layers], reps))
     best = {name: min(t) for name, t in times.items()}
-    return dict(shape=shape, batch=B, context=context, layers=len(layers), us=times, best_us=best,
+    return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times, best_us=best,
                 baseline_over_this=best["baseline"] / best["this"],
                 fraction_of_copy={name: first.nbytes() / t / 1e3 / copy_bw for name, t in best.items()},
                 max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item())
@@ -79,7 +80,9 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200_ab.json"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--bits", default="4/4", help="key/value bits of the caches, e.g. 4/2")
     args = ap.parse_args()
+    bits = tuple(int(b) for b in args.bits.split("/"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_revision(args.baseline, Path(tmp)) if args.baseline else Path(args.baseline_dir)
         name = args.baseline or folder.name
@@ -88,9 +91,9 @@ def main():
     copy_bw = copy_GBps(args.reps)
     rows = []
     for shape, B, context in CONFIGS:
-        r = compare(kernels, shape, B, context, args.reps, args.rounds, copy_bw)
+        r = compare(kernels, shape, B, context, args.reps, args.rounds, copy_bw, bits)
         rows.append(r)
-        print(f"{shape:11} B={B:2} ctx={context:6}: baseline {r['best_us']['baseline']:7.1f} us, this {r['best_us']['this']:7.1f} us "
+        print(f"{shape:11} B={B:2} ctx={context:6} K{bits[0]}/V{bits[1]}: baseline {r['best_us']['baseline']:7.1f} us, this {r['best_us']['this']:7.1f} us "
               f"-> baseline/this {r['baseline_over_this']:.3f} (this: {r['fraction_of_copy']['this']:.2f} of copy); "
               f"outputs differ by {r['max_rel_difference']:.1e}", flush=True)
         torch.cuda.empty_cache()

@@ -68,8 +68,8 @@ namespace {
 #define TT_TRACE 0     // 1: stamp each block's phases with %globaltimer and clock64 (benchmarks/trace_kernel.py reads them)
 #endif
 #ifndef TT_FIRST_AHEAD
-#define TT_FIRST_AHEAD (TT_STAGES - 1)  // chunks a warp asks for before it attends the window (the rest of the
-#endif                                  // TT_STAGES - 1 ahead right after)
+#define TT_FIRST_AHEAD 1  // chunks a warp asks for before it attends the window (the rest of the TT_STAGES - 1 ahead
+#endif                    // right after)
 #if TT_STAGES < 2
 #error "TT_STAGES must be at least 2"
 #endif
@@ -959,46 +959,67 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   stamp_split(6);  // 6 partial written
 }
 
-// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head, block b * Hq + h.
-// Each warp merges every WARPS-th partial with an online max, COMBINE_BATCH partials at a time whose loads all go out
-// together (up to WARPS * COMBINE_BATCH splits cost one round trip to L2), each lane D/32 channels; then the warps'
-// states merge in shared memory.
+// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head bh = b * Hq + h, each
+// lane D/32 channels. The partials are taken with an online max, COMBINE_BATCH at a time whose loads all go out together
+// (one round trip to L2 per batch). Up to COMBINE_BATCH splits a warp takes a head (WARPS heads per block); past that a
+// block takes a head, each warp every WARPS-th partial, and the warps' states merge in shared memory.
 constexpr int COMBINE_BATCH = 16;
+__host__ __device__ constexpr bool combine_warp_per_head(int splits) { return splits <= COMBINE_BATCH; }
+template <int PER>
+__device__ __forceinline__ void store_combined(const DecodeParams& p, int bh, const float (&o)[PER], float l) {
+  const float r = l > 0.f ? 1.f / l : 0.f;  // a row with every key masked gets zeros
+  const int Hq = p.Hkv * p.G;
+  const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + (threadIdx.x & 31) * PER;
+#pragma unroll
+  for (int i = 0; i < PER; i += 2) {
+    if (p.out_f32) *reinterpret_cast<float2*>(static_cast<float*>(p.out) + at + i) = make_float2(o[i] * r, o[i + 1] * r);
+    else *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + at + i) =
+        uint32_t(from_float(o[i] * r, p.is_bf16)) | uint32_t(from_float(o[i + 1] * r, p.is_bf16)) << 16;
+  }
+}
 template <int D>
 __global__ void __launch_bounds__(WARPS * 32) combine_kernel(const DecodeParams p) {
-  constexpr int PER = D / 32;  // channels per lane
+  constexpr int PER = D / 32;
   stamp_combine(0);
-  const int bh = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits;
+  const bool per_warp = combine_warp_per_head(S);  // (the same for the whole launch)
+  const int bh = per_warp ? blockIdx.x * WARPS + warp : blockIdx.x, first = per_warp ? 0 : warp, step = per_warp ? 1 : WARPS;
+  if (bh >= p.B * p.Hkv * p.G) return;  // (a warp past the last head; only when per_warp, which has no barrier)
   const float2* ml = reinterpret_cast<const float2*>(p.ml_part) + int64_t(bh) * S;
   const float* o = p.o_part + int64_t(bh) * S * D + lane * PER;
   float M = -INFINITY, L = 0.f, acc[PER];
 #pragma unroll
   for (int i = 0; i < PER; ++i) acc[i] = 0.f;
-  for (int s0 = warp; s0 < S; s0 += WARPS * COMBINE_BATCH) {
+  for (int s0 = first; s0 < S; s0 += step * COMBINE_BATCH) {
     float2 part_ml[COMBINE_BATCH];
     Floats<PER> part_o[COMBINE_BATCH];
 #pragma unroll
     for (int k = 0; k < COMBINE_BATCH; ++k) {  // past the last split: the last again, weighted 0 below
-      const int s = min(s0 + k * WARPS, S - 1);
+      const int s = min(s0 + k * step, S - 1);
       part_ml[k] = __ldg(ml + s);
       part_o[k] = load_floats<PER>(o + int64_t(s) * D);
     }
     float M_new = M;
 #pragma unroll
-    for (int k = 0; k < COMBINE_BATCH; ++k) if (s0 + k * WARPS < S) M_new = fmaxf(M_new, part_ml[k].x);
+    for (int k = 0; k < COMBINE_BATCH; ++k) if (s0 + k * step < S) M_new = fmaxf(M_new, part_ml[k].x);
     const float a = merge_weight(M, M_new);  // (0 while nothing is summed)
     L *= a;
 #pragma unroll
     for (int i = 0; i < PER; ++i) acc[i] *= a;
 #pragma unroll
     for (int k = 0; k < COMBINE_BATCH; ++k) {  // a split with no tokens (or every one masked) has m = -inf: weight 0
-      const bool used = s0 + k * WARPS < S && part_ml[k].x != -INFINITY;
+      const bool used = s0 + k * step < S && part_ml[k].x != -INFINITY;
       const float w = used ? exp2f(part_ml[k].x - M_new) : 0.f;
       L = fmaf(w, used ? part_ml[k].y : 0.f, L);
 #pragma unroll
       for (int i = 0; i < PER; ++i) acc[i] = fmaf(w, used ? part_o[k].f[i] : 0.f, acc[i]);
     }
     M = M_new;
+  }
+  if (per_warp) {
+    store_combined<PER>(p, bh, acc, L);
+    stamp_combine(1);
+    return;
   }
   __shared__ float share_ml[WARPS][2], share_o[WARPS][D];
   if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
@@ -1020,15 +1041,7 @@ __global__ void __launch_bounds__(WARPS * 32) combine_kernel(const DecodeParams 
 #pragma unroll
     for (int i = 0; i < PER; ++i) out[i] = fmaf(a, share_o[w][lane * PER + i], out[i]);
   }
-  const float r = L > 0.f ? 1.f / L : 0.f;  // a row with every key masked gets zeros
-  const int Hq = p.Hkv * p.G;
-  const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + lane * PER;
-#pragma unroll
-  for (int i = 0; i < PER; i += 2) {
-    if (p.out_f32) *reinterpret_cast<float2*>(static_cast<float*>(p.out) + at + i) = make_float2(out[i] * r, out[i + 1] * r);
-    else *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + at + i) =
-        uint32_t(from_float(out[i] * r, p.is_bf16)) | uint32_t(from_float(out[i + 1] * r, p.is_bf16)) << 16;
-  }
+  store_combined<PER>(p, bh, out, L);
   stamp_combine(1);
 }
 
@@ -1144,10 +1157,10 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const int heads = p.B * p.Hkv * p.G;  // a combine block per query head
-  if (p.D == 64) combine_kernel<64><<<heads, WARPS * 32, 0, stream>>>(p);
-  else if (p.D == 128) combine_kernel<128><<<heads, WARPS * 32, 0, stream>>>(p);
-  else combine_kernel<256><<<heads, WARPS * 32, 0, stream>>>(p);
+  const int heads = p.B * p.Hkv * p.G, blocks = combine_warp_per_head(p.splits) ? (heads + WARPS - 1) / WARPS : heads;
+  if (p.D == 64) combine_kernel<64><<<blocks, WARPS * 32, 0, stream>>>(p);
+  else if (p.D == 128) combine_kernel<128><<<blocks, WARPS * 32, 0, stream>>>(p);
+  else combine_kernel<256><<<blocks, WARPS * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 #endif  // __CUDACC_RTC__
