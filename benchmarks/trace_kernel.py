@@ -8,7 +8,7 @@ clock for every multiprocessor) and clock64 (the multiprocessor's cycles) at its
 is (5) and when the block's partial is written (6); each block of the combine kernel stamps its start and end. One
 eager call after warm-up, on random data (bench_kernel.random_history). Times are microseconds from the first block's
 start: when blocks start, when the phases end (medians and maxima over blocks), and each phase's length per block from
-clock64 (the stamps cost a few instructions: 521 instead of 511 per chunk in the main loop, no spills, by
+clock64 (the stamps cost a few instructions: 529 instead of 517 per chunk in the main loop, no spills, by
 tools/sass_count.py -D TT_TRACE=1).
 """
 import argparse, datetime, json
