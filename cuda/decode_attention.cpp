@@ -133,7 +133,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     const double eff = double(rows * s) / double(waves * resident);
     if (eff > cluster_eff + 1e-9) { cluster_splits = s; cluster_eff = eff; }
   }
-  p.cluster_merge = cluster_splits > 0 && cluster_eff >= best_eff - 0.03;
+  p.cluster_merge = cluster_splits > 0 && cluster_eff >= best_eff - 0.25;
   if (p.cluster_merge) splits = cluster_splits;
   p.splits = splits;
   p.tiles_per_split = (ntiles + splits - 1) / splits;
