@@ -120,30 +120,14 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     if (eff > best_eff + 1e-9) { splits = s; best_eff = eff; }
     if (eff >= 0.9) break;
   }
-  // On Hopper a row's splits can be one thread block cluster that merges them in place (no partials, no second
-  // kernel, about 4 us less per call), as long as a cluster has at most MAX_CLUSTER blocks; taken when its grid keeps
-  // the GPU about as busy (clusters sit within one GPC, so fewer may fit at once)
-  static int clusters[3][3][3][4][MAX_CLUSTER + 1];  // clusters of each size that fit at once, + 1 (0: not asked yet)
-  int64_t cluster_splits = 0; double cluster_eff = 0;
-  for (int64_t s = 1; s <= std::min<int64_t>(max_splits, MAX_CLUSTER); ++s) {
-    int& fit = clusters[D == 64 ? 0 : D == 128 ? 1 : 2][key_bits - 2][value_bits - 2][vgroups == 1 ? 0 : vgroups == 2 ? 1 : vgroups == 4 ? 2 : 3][s];
-    if (fit == 0) fit = 1 + decode_max_clusters(int(D), int(key_bits), int(value_bits), vgroups, int(s));
-    if (fit == 1) continue;
-    const int64_t waves = (rows + fit - 2) / (fit - 1);
-    const double eff = double(rows * s) / double(waves * resident);
-    if (eff > cluster_eff + 1e-9) { cluster_splits = s; cluster_eff = eff; }
-  }
-  p.cluster_merge = cluster_splits > 0 && cluster_eff >= best_eff - 0.25;
-  if (p.cluster_merge) splits = cluster_splits;
   p.splits = splits;
   p.tiles_per_split = (ntiles + splits - 1) / splits;
   p.window_per_split = (nw + splits - 1) / splits;
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);
-  // one partial per block (its warps and its share of the window merged in shared memory first); none in a cluster
-  const int64_t parts = p.cluster_merge ? 0 : p.splits;
-  at::Tensor o_part = at::empty({B, Hq, parts, D}, f32), ml_part = at::empty({B, Hq, parts, 2}, f32);
+  // one partial per block: its warps and its share of the window are merged in shared memory first
+  at::Tensor o_part = at::empty({B, Hq, p.splits, D}, f32), ml_part = at::empty({B, Hq, p.splits, 2}, f32);
   at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
   p.out_f32 = float_output;
   p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();

@@ -251,21 +251,6 @@ __device__ __forceinline__ bool elect_one() {  // true on one lane of the (conve
 #endif
   return one;
 }
-// Thread block clusters (Hopper): a row's splits as one cluster merge their states through distributed shared memory.
-__device__ __forceinline__ void cluster_sync() {  // every thread of the cluster's blocks; their shared writes seen after
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ float load_from_block(const float* local, uint32_t rank) {  // `local`'s place in block `rank`
-  float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-#endif
-  return v;
-}
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
 #if TT_USE_BULK
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
@@ -580,58 +565,8 @@ constexpr int BARRIER_BYTES = (WARPS * TT_STAGES * 8 + 127) / 128 * 128;        
 template <int D> __host__ __device__ constexpr int stages_offset() { return query_bytes<D>() + key_rows_bytes<D>() + BARRIER_BYTES; }
 template <int D, int KB, int VB>
 __host__ __device__ constexpr int shared_bytes(int vgroups) {
-  static_assert(WARPS * TT_STAGES * Stage<D, KB, VB>::bytes(1) >= (WARPS * MAX_HEADS * (D + 2) + 2 * MAX_HEADS) * 4,
-                "the stages hold the merge buffers after the loop");
+  static_assert(TT_STAGES * Stage<D, KB, VB>::bytes(1) >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
   return stages_offset<D>() + WARPS * TT_STAGES * Stage<D, KB, VB>::bytes(vgroups);
-}
-
-// The row's splits are one thread block cluster (p.cluster_merge, Hopper): every block has its state in its shared memory
-// (o: warp 0's slots of o_sh, [MAX_HEADS][D]; head_ml: (max, sum) per head). After a cluster barrier each block reads
-// every block's (max, sum) through distributed shared memory, and block r writes the r-th of S slices of the row's
-// outputs from every block's o. A second barrier keeps every block's shared memory in place until the others are done
-// reading it. No partials in global memory and no second kernel.
-template <int D>
-__device__ __forceinline__ void merge_in_cluster(const DecodeParams& p, float* o_sh, float* head_ml, int GH, int64_t head0) {
-  const int S = p.splits;  // the cluster's blocks, one per split (blockIdx.x is the block's rank in it)
-  cluster_sync();
-  // warps 1-3's slots are free now: every block's (max, sum) per head, a thread each, then the weights and the sum
-  static_assert(2 * MAX_HEADS * MAX_CLUSTER + MAX_HEADS <= (WARPS - 1) * MAX_HEADS * D, "the cluster's states fit");
-  static_assert(MAX_HEADS * MAX_CLUSTER <= WARPS * 32, "a thread per block and head");
-  float* weights = o_sh + MAX_HEADS * D;                   // [MAX_HEADS][MAX_CLUSTER]: each block's max, then weight
-  float* block_sums = weights + MAX_HEADS * MAX_CLUSTER;   // [MAX_HEADS][MAX_CLUSTER]
-  float* sums = block_sums + MAX_HEADS * MAX_CLUSTER;      // [MAX_HEADS]: the row's
-  if (threadIdx.x < GH * S) {
-    const int g = threadIdx.x / S, r = threadIdx.x % S;
-    weights[g * MAX_CLUSTER + r] = load_from_block(head_ml + 2 * g, r);
-    block_sums[g * MAX_CLUSTER + r] = load_from_block(head_ml + 2 * g + 1, r);
-  }
-  __syncthreads();
-  if (threadIdx.x < GH) {  // a thread per head
-    const int g = threadIdx.x;
-    float M = -INFINITY, L = 0.f;
-    for (int r = 0; r < S; ++r) M = fmaxf(M, weights[g * MAX_CLUSTER + r]);
-    for (int r = 0; r < S; ++r) {
-      const float a = merge_weight(weights[g * MAX_CLUSTER + r], M);
-      weights[g * MAX_CLUSTER + r] = a;
-      L = fmaf(a, block_sums[g * MAX_CLUSTER + r], L);
-    }
-    sums[g] = L;
-  }
-  __syncthreads();
-  const int n = GH * D, slice = (n + S - 1) / S, end = min(n, (int(blockIdx.x) + 1) * slice);
-  const int Hq = p.Hkv * p.G;
-  for (int i = blockIdx.x * slice + threadIdx.x; i < end; i += WARPS * 32) {
-    const int g = i / D, d = i % D;
-    float o = 0.f;
-#pragma unroll 4
-    for (int r = 0; r < S; ++r) o = fmaf(weights[g * MAX_CLUSTER + r], load_from_block(o_sh + g * D + d, r), o);
-    const float value = sums[g] > 0.f ? o / sums[g] : 0.f;  // a row with every key masked gets zeros
-    const int64_t at = ((head0 + g) / Hq) * p.out_sb + ((head0 + g) % Hq) * p.out_sh + d;
-    if (p.out_f32) static_cast<float*>(p.out)[at] = value;
-    else static_cast<uint16_t*>(p.out)[at] = from_float(value, p.is_bf16);
-  }
-  cluster_sync();
-  stamp_split(7);  // 7 the row merged in the cluster
 }
 
 // MASKED: the call has a key mask (p.mask). Without one the main loop has no mask code at all: 29 of its 410 SASS
@@ -1007,8 +942,6 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
   }
   __syncthreads();
-  const int64_t head0 = int64_t(b) * p.Hkv * p.G + hkv * p.G + h0;  // the block's first query head, over the batch
-  float* head_ml = ml_sh + WARPS * MAX_HEADS * 2;                    // [MAX_HEADS][2]: the block's (max, sum) per head
   for (int i = threadIdx.x; i < GH * D; i += WARPS * 32) {  // the block's partial: channel d of head g
     const int g = i / D, d = i % D;
     float M = -INFINITY;
@@ -1021,16 +954,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       L = fmaf(a, ml_sh[w * MAX_HEADS * 2 + 2 * g + 1], L);
       o = fmaf(a, o_sh[(w * MAX_HEADS + g) * D + d], o);
     }
-    if (p.cluster_merge) {  // kept in shared memory, in warp 0's slot (only this thread reads that element)
-      o_sh[g * D + d] = o;
-      if (d == 0) { head_ml[2 * g] = M; head_ml[2 * g + 1] = L; }
-    } else {
-      const int64_t at = (head0 + g) * p.splits + blockIdx.x;
-      p.o_part[at * D + d] = o;
-      if (d == 0) { p.ml_part[2 * at] = M; p.ml_part[2 * at + 1] = L; }
-    }
+    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x;
+    p.o_part[base * D + d] = o;
+    if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
-  if (p.cluster_merge) merge_in_cluster<D>(p, o_sh, head_ml, GH, head0);
   stamp_split(6);  // 6 partial written
 }
 
@@ -1134,36 +1061,20 @@ KernelRef kernel_ref(int vgroups) {
   if (bytes > 0 && dev < 64 && !(ready >> dev & 1ull)) {
     cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout, TT_CARVEOUT);
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (major >= 9) cudaFuncSetAttribute(f, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);  // up to MAX_CLUSTER
     ready |= 1ull << dev;
   }
   return {f, shared_bytes<D, KB, VB>(vgroups)};
 }
-// The launch config of the split kernel: a cluster per row where the splits merge there.
-struct SplitLaunch {
-  cudaLaunchConfig_t config{};
-  cudaLaunchAttribute cluster[1]{};
-  SplitLaunch(dim3 grid, int shared, int cluster_size, cudaStream_t stream) {
-    config.gridDim = grid; config.blockDim = dim3(WARPS * 32); config.dynamicSmemBytes = shared; config.stream = stream;
-    if (cluster_size > 0) {
-      cluster[0].id = cudaLaunchAttributeClusterDimension;
-      cluster[0].val.clusterDim.x = cluster_size; cluster[0].val.clusterDim.y = 1; cluster[0].val.clusterDim.z = 1;
-      config.attrs = cluster; config.numAttrs = 1;
-    }
-  }
-};
-template <int D, int KB, int VB, bool MASKED>
-void launch_split(const DecodeParams& p, cudaStream_t stream) {
-  const KernelRef k = kernel_ref<D, KB, VB, MASKED>(p.vgroups);
-  SplitLaunch launch(dim3(p.splits, p.Hkv * p.head_groups, p.B), k.shared, p.cluster_merge ? p.splits : 0, stream);
-  cudaLaunchKernelEx(&launch.config, quantized_kernel<D, KB, VB, MASKED>, p);
-}
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
-  if (p.mask) launch_split<D, KB, VB, true>(p, stream);
-  else launch_split<D, KB, VB, false>(p, stream);
+  const dim3 grid(p.splits, p.Hkv * p.head_groups, p.B);
+  if (p.mask) {
+    const KernelRef k = kernel_ref<D, KB, VB, true>(p.vgroups);
+    quantized_kernel<D, KB, VB, true><<<grid, WARPS * 32, k.shared, stream>>>(p);
+  } else {
+    const KernelRef k = kernel_ref<D, KB, VB, false>(p.vgroups);
+    quantized_kernel<D, KB, VB, false><<<grid, WARPS * 32, k.shared, stream>>>(p);
+  }
 }
 template <int D, int KB>
 void dispatch_vb(const DecodeParams& p, cudaStream_t s) {
@@ -1205,8 +1116,7 @@ KernelRef pick_kb(int kb, int vb, int vgroups) {
 #define TT_BUILDS(d) 1
 #endif
 
-// The (unmasked) split kernel of these sizes, with the shared memory a call asks for (none where it is not built).
-static KernelRef kernel_for(int head_dim, int key_bits, int value_bits, int value_groups) {
+int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_groups) {
   KernelRef k{nullptr, 0};
 #if TT_BUILDS(64)
   if (head_dim == 64) k = pick_kb<64>(key_bits, value_bits, value_groups);
@@ -1217,30 +1127,10 @@ static KernelRef kernel_for(int head_dim, int key_bits, int value_bits, int valu
 #if TT_BUILDS(256)
   if (head_dim == 256) k = pick_kb<256>(key_bits, value_bits, value_groups);
 #endif
-  return k;
-}
-
-int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_groups) {
-  const KernelRef k = kernel_for(head_dim, key_bits, value_bits, value_groups);
   if (k.fn == nullptr) return 1;
   int n = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, WARPS * 32, k.shared) != cudaSuccess) return 1;
   return n > 0 ? n : 1;
-}
-
-int decode_max_clusters(int head_dim, int key_bits, int value_bits, int value_groups, int cluster_size) {
-  const KernelRef k = kernel_for(head_dim, key_bits, value_bits, value_groups);
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (k.fn == nullptr || major < 9 || cluster_size < 1 || cluster_size > MAX_CLUSTER) return 0;
-  SplitLaunch launch(dim3(cluster_size), k.shared, cluster_size, nullptr);
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, k.fn, &launch.config) != cudaSuccess) {
-    cudaGetLastError();  // (not sticky: clear it so that the next launch's check does not see it)
-    return 0;
-  }
-  return n;
 }
 
 int64_t decode_trace(int64_t* host) {
@@ -1268,7 +1158,7 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
 #endif
   if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || p.cluster_merge) return e;
+  if (e != cudaSuccess) return e;
   const int heads = p.B * p.Hkv * p.G, blocks = combine_warp_per_head(p.splits) ? (heads + WARPS - 1) / WARPS : heads;
   if (p.D == 64) combine_kernel<64><<<blocks, WARPS * 32, 0, stream>>>(p);
   else if (p.D == 128) combine_kernel<128><<<blocks, WARPS * 32, 0, stream>>>(p);

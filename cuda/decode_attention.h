@@ -33,12 +33,9 @@ struct DecodeParams {
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
   float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum)
-  int cluster_merge;                       // 1: a row's splits are one cluster and merge there (no partials, no combine)
   void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype (float32 when out_f32)
   int out_f32;
 };
-
-constexpr int MAX_CLUSTER = 16;  // splits merged in one thread block cluster at most (Hopper's non-portable size)
 
 // TT_TRACE builds (benchmarks/trace_kernel.py): the phases of each block of the last launch, slot b * TRACE_SPLIT_EVENTS
 // + e for split block b's phase e, then TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
@@ -50,12 +47,9 @@ constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMB
 // on the value groups).
 int decode_blocks_per_sm(int head_dim, int key_bits, int value_bits, int value_groups);
 
-// How many clusters of `cluster_size` blocks of that kernel fit on the device at once (0 where clusters cannot run).
-int decode_max_clusters(int head_dim, int key_bits, int value_bits, int value_groups, int cluster_size);
-
 // TT_TRACE builds: copies both clocks' stamps ([2][TRACE_SLOTS]) into host and clears them; returns how many (0 otherwise).
 int64_t decode_trace(int64_t* host);
 
-// Launches the split kernel and, unless its clusters merge the splits, the combine kernel on `stream`; returns the first CUDA error.
+// Launches the split kernels and the combine kernel on `stream`; returns the first CUDA error.
 cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream);
 #endif
