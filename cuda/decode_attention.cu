@@ -148,7 +148,6 @@ template <bool B> struct Bool { static constexpr bool value = B; };  // a compil
 // NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
 
-// One load of a T from global memory through the read-only cache (GLOBAL) or from shared memory (a plain load, LDS).
 // N consecutive floats (N even, 8-byte aligned; 16-byte from N = 4), read-only for the kernel
 template <int N> struct Floats { float f[N]; };
 template <int N>
@@ -166,6 +165,8 @@ __device__ __forceinline__ Floats<N> load_floats(const float* p) {
   }
   return r;
 }
+
+// One load of a T from global memory through the read-only cache (GLOBAL) or from shared memory (a plain load, LDS).
 template <bool GLOBAL, typename T>
 __device__ __forceinline__ T load(const T* p) {
   if constexpr (GLOBAL) return __ldg(p);
