@@ -66,7 +66,8 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
         for name, ext in kernels.items():
             times[name].append(per_layer_us([lambda h=h, ext=ext: attend(ext, q, h) for h in layers], reps))
     best = {name: min(t) for name, t in times.items()}
-    return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times, best_us=best,
+    return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times,
+                best_us=best,
                 baseline_over_this=best["baseline"] / best["this"],
                 fraction_of_copy={name: first.nbytes() / t / 1e3 / copy_bw for name, t in best.items()},
                 max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item())
@@ -93,7 +94,8 @@ def main():
     for shape, B, context in CONFIGS:
         r = compare(kernels, shape, B, context, args.reps, args.rounds, copy_bw, bits)
         rows.append(r)
-        print(f"{shape:11} B={B:2} ctx={context:6} K{bits[0]}/V{bits[1]}: baseline {r['best_us']['baseline']:7.1f} us, this {r['best_us']['this']:7.1f} us "
+        print(f"{shape:11} B={B:2} ctx={context:6} K{bits[0]}/V{bits[1]}: baseline {r['best_us']['baseline']:7.1f} us, "
+              f"this {r['best_us']['this']:7.1f} us "
               f"-> baseline/this {r['baseline_over_this']:.3f} (this: {r['fraction_of_copy']['this']:.2f} of copy); "
               f"outputs differ by {r['max_rel_difference']:.1e}", flush=True)
         torch.cuda.empty_cache()
