@@ -39,7 +39,8 @@ namespace {
 #endif                  //    not as 1024 + code less 1024 (one HADD2 per code pair fewer); 0: the 1024 + code road
 #ifndef TT_ABLATE
 #define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
-#endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only
+#endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only,
+                     // 5 no window (nothing copied or attended), 6 no combine kernel, 7 window copied, not attended
 #ifndef TT_KEY_INPLACE
 #define TT_KEY_INPLACE 1  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
 #endif                    //    and the query absorbs their place value
@@ -364,6 +365,30 @@ __device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes s
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
 }
+// Sums of M numbers over the warp's 32 lanes, each lane left with one (M a power of two up to 32): at each of the first
+// log2 M butterfly steps a lane keeps the half of its numbers its lane bit picks and adds its partner's copy of that half
+// (M - 1 shuffles, not 5 M), the steps after that finish the one sum. Lane l holds sum v[l >> (5 - log2 M)]; N counts
+// the numbers still live, O is the step's lane offset.
+template <int N, int O, int M>
+__device__ __forceinline__ void sum_scatter(float (&v)[M], int lane) {
+  if constexpr (O >= 1) {
+    if constexpr (N > 1) {
+      constexpr int H = N / 2;
+      const bool upper = lane & O;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const float send = upper ? v[i] : v[i + H], keep = upper ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+      }
+      sum_scatter<H, O / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+      sum_scatter<1, O / 2>(v, lane);
+    }
+  }
+}
+__host__ __device__ constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
+
 __device__ __forceinline__ float warp_sum_rows(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 4);
   x += __shfl_xor_sync(0xffffffffu, x, 8);
@@ -408,6 +433,7 @@ __device__ __forceinline__ float staged_query(const DecodeParams& p, const uint1
 // window_per_split), a quarter to each warp. A fixed window (CUDA graphs) says on the device how many it holds.
 struct TokenRange { int lo, hi; };
 __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int warp) {
+  if (TT_ABLATE == 5) return {0, 0};
   const int nw = p.window_length ? int(min(*p.window_length, int64_t(p.nw))) : p.nw;
   const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
   const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(nw, s_lo + p.window_per_split);
@@ -498,21 +524,24 @@ __device__ __forceinline__ void window_first(const DecodeParams& p, const uint16
         sc[u][g] = dot;
       }
     }
+    // the dot products summed over the lanes, lane l left with number l >> SHIFT of sc, then this lane's heads' fetched
+    constexpr int SUMS = UNROLL * NH, SHIFT = 5 - log2_of(SUMS);
+    static_assert(SUMS <= 32 && (SUMS & (SUMS - 1)) == 0, "UNROLL * NH: a power of two up to 32");
+    float flat[SUMS];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
+    for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-        for (int g = 0; g < NH; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
+      for (int g = 0; g < NH; ++g) flat[u * NH + g] = sc[u][g];
+    sum_scatter<SUMS, 16>(flat, lane);
     float pr[UNROLL][2];  // this lane's heads' probabilities
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       float s[UNROLL], mx = m[e];
+      const int g = 2 * tig + e;
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        float x = 0.f;  // a head past NH has a zero query
-#pragma unroll
-        for (int g = 0; g < NH; ++g) x = g == 2 * tig + e ? sc[u][g] : x;
+        const float dot = __shfl_sync(0xffffffffu, flat[0], (u * NH + min(g, NH - 1)) << SHIFT);
+        const float x = g < NH ? dot : 0.f;  // a head past NH has a zero query
         const bool valid = t0 + u < r.hi && (!mask || mask[min(t0 + u, r.hi - 1)]);
         s[u] = valid ? x : -INFINITY;
         mx = fmaxf(mx, s[u]);
@@ -681,7 +710,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   if (TT_USE_BULK) cp_async_wait<0>();   // the window's rows have landed (the only cp.async group) ...
   else cp_async_wait<TT_FIRST_AHEAD>();  // (the oldest group, ahead of the first chunks')
   __syncwarp();                          // ... for every lane; the first chunks are still on their way
-  if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
+  if (TT_ABLATE == 7) {}  // (timing: the rows copied, not attended)
+  else if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   // the window's stage was written by cp.async and read by this warp; the copy engine refills it next: order the two
   // proxies' accesses (PTX asks for a proxy fence between them)
@@ -1159,7 +1189,7 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
 #endif
   if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || TT_ABLATE == 6) return e;
   const int heads = p.B * p.Hkv * p.G, blocks = combine_warp_per_head(p.splits) ? (heads + WARPS - 1) / WARPS : heads;
   if (p.D == 64) combine_kernel<64><<<blocks, WARPS * 32, 0, stream>>>(p);
   else if (p.D == 128) combine_kernel<128><<<blocks, WARPS * 32, 0, stream>>>(p);
