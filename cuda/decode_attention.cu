@@ -1147,14 +1147,18 @@ KernelRef pick_kb(int kb, int vb, int vgroups) {
   return pick_vb<D, 4>(vb, vgroups);
 }
 
-// The combine kernel, launched programmatically where TT_PDL asks for it and the GPU has it (compute capability 9+).
+// The combine kernel, launched programmatically where TT_PDL asks for it and the code that runs waits for the split
+// kernel on the device: compiled for compute capability 9+ (not JIT-compiled from the compute_80 PTX on a newer GPU).
 template <int D>
 cudaError_t launch_combine(const DecodeParams& p, int blocks, cudaStream_t stream) {
-  static int major[64] = {};  // per device, 0 until asked
+  static signed char waits[64] = {};  // per device: 0 not asked yet, 1 the code waits (griddepcontrol.wait), -1 not
   int dev = 0;
   cudaGetDevice(&dev);
-  if (TT_PDL && dev < 64 && major[dev] == 0) cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev);
-  if (!TT_PDL || dev >= 64 || major[dev] < 9) {
+  if (TT_PDL && dev < 64 && waits[dev] == 0) {
+    cudaFuncAttributes code{};
+    waits[dev] = cudaFuncGetAttributes(&code, combine_kernel<D>) == cudaSuccess && code.ptxVersion >= 90 ? 1 : -1;
+  }
+  if (!TT_PDL || dev >= 64 || waits[dev] < 0) {
     combine_kernel<D><<<blocks, WARPS * 32, 0, stream>>>(p);
     return cudaGetLastError();
   }
