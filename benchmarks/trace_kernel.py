@@ -6,12 +6,12 @@
 Builds the kernel with TT_TRACE=1: thread 0 of each block of the split kernel stamps %globaltimer (nanoseconds, one
 clock for every multiprocessor) and clock64 (the multiprocessor's cycles) at its start (0), once the query is staged
 (1), after the window (2), when its warp's first chunk has landed (3), when its warp's loop is done (4), when every warp's
-is (5) and when the block's partial is written (6); each block of the combine kernel stamps its start and end. One
-eager call after warm-up, on random data (bench_kernel.random_history); `--before` also traces it after L2 is
-evicted (`cold`), or evicted and the cache's tensors read back (`data`: its data in L2 where it fits, the code not). Times are microseconds from the first block's
-start: when blocks start, when the phases end (medians and maxima over blocks), and each phase's length per block from
-clock64 (the stamps cost a few instructions: 529 instead of 517 per chunk in the main loop, no spills, by
-tools/sass_count.py -D TT_TRACE=1).
+is (5) and when the block's partial is written (6); each block of the combine kernel stamps its start (with TT_PDL, once
+its wait is over) and end. One eager call after warm-up, on random data (bench_kernel.random_history); `--before` also
+traces it after L2 is evicted (`cold`), or evicted and the cache's tensors read back (`data`: its data in L2 where it
+fits, the code not). Times are microseconds from the first block's start: when blocks start, when the phases end
+(medians and maxima over blocks), and each phase's length per block from clock64 (the stamps cost a few instructions:
+529 instead of 517 per chunk in the main loop, no spills, by tools/sass_count.py -D TT_TRACE=1).
 """
 import argparse, datetime, json
 from pathlib import Path
@@ -43,7 +43,8 @@ def trace_one(shape, B, context, defines, reps=3, before="warm"):
     torch.cuda.synchronize(); ext.trace()
     if before in ("cold", "data"): torch.empty(2**30, dtype=torch.uint8, device="cuda").fill_(1)
     if before == "data":
-        for t in (h.key_codes, h.key_scale, h.key_zero, h.value_codes, h.value_scale, h.value_zero, h.window_keys, h.window_values, q):
+        for t in (h.key_codes, h.key_scale, h.key_zero, h.value_codes, h.value_scale, h.value_zero, h.window_keys,
+                  h.window_values, q):
             t.max()
     torch.cuda.synchronize()
     fused_decode_attention(q, h, defines=defines)
@@ -67,7 +68,8 @@ def trace_one(shape, B, context, defines, reps=3, before="warm"):
                for e in range(1, len(PHASES))}
     cycle_lengths = {f"{PHASES[e - 1]} -> {PHASES[e]}": quantiles((split_cy[:, e] - split_cy[:, e - 1]).double())
                      for e in range(1, len(PHASES))}
-    return dict(shape=shape, batch=B, context=context, before=before, split_blocks=int(used.sum()), combine_blocks=len(comb),
+    return dict(shape=shape, batch=B, context=context, before=before, split_blocks=int(used.sum()),
+                combine_blocks=len(comb),
                 split_end_us=us(split_ns[:, 6].max()).item(), combine_start_us=quantiles(us(comb[:, 0])),
                 combine_end_us=us(comb[:, 1].max()).item(), phase_end_us=phase_us, phase_length_us=lengths,
                 phase_length_cycles=cycle_lengths)
@@ -93,7 +95,8 @@ def main():
         r = trace_one(shape, B, ctx, defines, before=before)
         rows.append(r)
         med = lambda name: r["phase_end_us"][name]["median"]
-        print(f"{shape:11} B={B:2} ctx={ctx:6} {before:4}: {r['split_blocks']} blocks; starts {r['phase_end_us']['start']['median']:.1f}"
+        print(f"{shape:11} B={B:2} ctx={ctx:6} {before:4}: {r['split_blocks']} blocks; starts "
+              f"{r['phase_end_us']['start']['median']:.1f}"
               f"/{r['phase_end_us']['start']['max']:.1f} us (median/max), query {med('query staged'):.1f}, window {med('window'):.1f}, "
               f"first chunk {med('first chunk landed'):.1f}, loop done {med('loop done (all warps)'):.1f}"
               f"/{r['phase_end_us']['loop done (all warps)']['max']:.1f}, partial {med('partial written'):.1f}"
