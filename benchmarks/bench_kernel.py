@@ -189,6 +189,16 @@ def plot(result, path):
     fig.tight_layout(); fig.savefig(path, dpi=120)
 
 
+def prepare_run(defines, variant_specs, reps):
+    "Build the kernel and each variant (`NAME=MACRO,MACRO`), then measure the copy bandwidth: (variants, GB/s)."
+    variants = [(v.split("=", 1)[0], tuple(d for d in v.split("=", 1)[1].split(",") if d)) for v in variant_specs]
+    build_kernel(defines=defines)
+    for _, vdefs in variants: build_kernel(defines=vdefs)
+    copy_bw = copy_GBps(reps)
+    print(f"device-to-device copy: {copy_bw:.0f} GB/s", flush=True)
+    return variants, copy_bw
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_h200.json"))
@@ -201,11 +211,7 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
                     help="also time this build on the same data, e.g. old=TT_KEY_INPLACE=0,TT_FOLD=0 or mt4=TT_MT=4,TT_STAGES=2")
     args = ap.parse_args()
-    variants = [(v.split("=", 1)[0], tuple(d for d in v.split("=", 1)[1].split(",") if d)) for v in args.variant]
-    build_kernel(defines=args.define)
-    for _, vdefs in variants: build_kernel(defines=vdefs)
-    copy_bw = copy_GBps(args.reps)
-    print(f"device-to-device copy: {copy_bw:.0f} GB/s", flush=True)
+    variants, copy_bw = prepare_run(args.define, args.variant, args.reps)
     configs = [(s, B, c, (4, 4)) for s in SHAPES for B in (1, 8, 32) for c in (4096, 16384, 65536, 131072)]
     configs += [("llama3-8b", 8, c, bits) for c in (16384, 65536) for bits in ((4, 2), (3, 3), (2, 2), (4, 3))]
     if args.quick: configs = [c for c in configs if c[1] == 8 and c[2] in (16384, 65536)]

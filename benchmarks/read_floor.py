@@ -20,8 +20,8 @@ import argparse, datetime, json
 from pathlib import Path
 import torch
 from torch.utils import cpp_extension
-from bench_kernel import SHAPES, bench_one, copy_GBps, layer_count, per_layer_us, random_history
-from tiny_turboquant.kernel import build_kernel, fused_decode_attention
+from bench_kernel import SHAPES, bench_one, layer_count, per_layer_us, prepare_run, random_history
+from tiny_turboquant.kernel import fused_decode_attention
 
 CONFIGS = [(s, B, c) for s in SHAPES for B, c in ((1, 16384), (1, 65536), (1, 131072), (8, 16384), (8, 65536))]
 LOADS = (1, 2, 4, 8, 16)  # 16-byte loads per thread
@@ -173,12 +173,8 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
                     help="also time this build of the fused kernel, e.g. copy=TT_ONLY_HEAD_DIM=128,TT_ABLATE=1")
     args = ap.parse_args()
-    variants = [(v.split("=", 1)[0], tuple(d for d in v.split("=", 1)[1].split(",") if d)) for v in args.variant]
-    build_kernel(defines=args.define)
-    for _, vdefs in variants: build_kernel(defines=vdefs)
     probe = build_probe()
-    copy_bw = copy_GBps(args.reps)
-    print(f"device-to-device copy: {copy_bw:.0f} GB/s", flush=True)
+    variants, copy_bw = prepare_run(args.define, args.variant, args.reps)
     rows = []
     for shape, B, context in CONFIGS:
         r = measure(probe, shape, B, context, copy_bw, args, variants)
