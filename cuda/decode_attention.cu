@@ -134,11 +134,17 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0 (subno
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+template <bool BF16 = false>  // the operands' 16-bit type: fp16, or bf16 (the window's tiles in a bf16 model)
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  if constexpr (BF16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 // (x & mask) | MAGIC as one LOP3: the instruction takes one immediate (the mask), so MAGIC must come in a register;
 // left to itself the compiler spends two LOP3s per code pair instead.
@@ -374,29 +380,6 @@ __device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes s
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
 }
-// Sums of M numbers over the warp's 32 lanes, each lane left with one (M a power of two up to 32): at each of the first
-// log2 M butterfly steps a lane keeps the half of its numbers its lane bit picks and adds its partner's copy of that half
-// (M - 1 shuffles, not 5 M), the steps after that finish the one sum. Lane l holds sum v[l >> (5 - log2 M)]; N counts
-// the numbers still live, O is the step's lane offset.
-template <int N, int O, int M>
-__device__ __forceinline__ void sum_scatter(float (&v)[M], int lane) {
-  if constexpr (O >= 1) {
-    if constexpr (N > 1) {
-      constexpr int H = N / 2;
-      const bool upper = lane & O;
-#pragma unroll
-      for (int i = 0; i < H; ++i) {
-        const float send = upper ? v[i] : v[i + H], keep = upper ? v[i + H] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
-      }
-      sum_scatter<H, O / 2>(v, lane);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
-      sum_scatter<1, O / 2>(v, lane);
-    }
-  }
-}
-__host__ __device__ constexpr int log2_of(int n) { return n <= 1 ? 0 : 1 + log2_of(n / 2); }
 
 __device__ __forceinline__ float warp_sum_rows(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 4);
@@ -433,11 +416,6 @@ __device__ __forceinline__ void stage_query(const QueryLoad<D>& ql, uint16_t* st
   __syncthreads();
 }
 
-// Entry i (head * D + channel) of the staged query, times softmax scale * log2(e).
-__device__ __forceinline__ float staged_query(const DecodeParams& p, const uint16_t* qs, int i) {
-  return to_float(qs[i], p.is_bf16) * p.scale_log2;
-}
-
 // The window tokens [lo, hi) of this warp: split s of the launch takes [s * window_per_split, (s + 1) *
 // window_per_split), a quarter to each warp. A fixed window (CUDA graphs) says on the device how many it holds.
 struct TokenRange { int lo, hi; };
@@ -450,11 +428,14 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
   return {lo, min(s_hi, lo + per_warp)};
 }
 
-// The window's rows: each warp copies its share into its last stage (the loop refills that stage only after the window
-// is attended) as its first cp.async group, ahead of its first chunks' copies: keys, then values, `room` rows of each.
-// Rows past the room (a wide window over few splits) are read from global memory. (TT_TRACE: the window is attended
-// 5-14 us into a call either way, because every warp's first requests come back together; against plain loads issued
-// after the chunks' copies, between 1.8 us sooner and 2.6 us later on five shapes.)
+// The window's rows: each warp copies its share into the stages its first chunks leave free (the loop refills them only
+// after the window is attended) as its first cp.async group, ahead of its first chunks' copies: keys, then values, `room`
+// rows of each. Rows past the room (a wide window over few splits) are read from global memory. (TT_TRACE: the window is
+// attended 5-14 us into a call either way, because every warp's first requests come back together; against plain loads
+// issued after the chunks' copies, between 1.8 us sooner and 2.6 us later on five shapes.)
+// In a staged row the 16-byte unit u sits at unit u ^ (j & 7) (an XOR swizzle within the row): the 8 rows an ldmatrix
+// reads at once (2D bytes apart) then fall on 8 different bank groups, not all on the same 4 banks.
+__host__ __device__ constexpr int window_unit(int j, int u) { return u ^ (j & 7); }
 template <int D>
 __device__ __forceinline__ const uint16_t* window_row(const DecodeParams& p, bool values, int64_t t) {  // row t's start
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
@@ -466,119 +447,144 @@ __device__ __forceinline__ void copy_window(const DecodeParams& p, TokenRange r,
   constexpr int UNITS = D / 8;  // 16-byte units in a row
   const int lane = threadIdx.x & 31, n = max(0, min(r.hi - r.lo, room));
   for (int i = lane; i < 2 * n * UNITS; i += 32) {
-    const int values = i / (n * UNITS), t = (i / UNITS) % n, u = i % UNITS;
-    cp_async16(staged + (values * room + t) * 2 * D + 16 * u, window_row<D>(p, values, r.lo + t) + 8 * u);
+    const int values = i / (n * UNITS), j = (i / UNITS) % n, u = i % UNITS;
+    cp_async16(staged + (values * room + j) * 2 * D + 16 * window_unit(j, u), window_row<D>(p, values, r.lo + j) + 8 * u);
   }
   cp_async_commit();
 }
-
-// UNROLL window tokens as this lane's loads bring them: keys, D/32 channels at lane * D/32 (for the dot products);
-// values, D/8 channels at gid * D/8 (the accumulator's rows). Past the warp's last token: that token again, masked.
-template <int D> struct WindowBatch {
-  static constexpr int UNROLL = D == 256 ? 2 : 4;
-  Words<D / 16> kw[UNROLL];
-  Words<D / 4> vw[UNROLL];
-};
-template <int D>
-__device__ __forceinline__ void load_window(const DecodeParams& p, TokenRange r, int t0, const uint8_t* staged, int room,
-                                            WindowBatch<D>& w) {
-  const int lane = threadIdx.x & 31, key_at = lane * (D / 32), value_at = (lane >> 2) * (D / 8);  // in numbers
-#pragma unroll
-  for (int u = 0; u < WindowBatch<D>::UNROLL; ++u) {
-    const int t = min(t0 + u, r.hi - 1), j = t - r.lo;
-    if (j < room) {  // staged
-      load_words<D / 16, false>(staged + 2 * (j * D + key_at), w.kw[u]);
-      load_words<D / 4, false>(staged + 2 * ((room + j) * D + value_at), w.vw[u]);
-    } else {
-      load_words<D / 16>(reinterpret_cast<const uint8_t*>(window_row<D>(p, false, t) + key_at), w.kw[u]);
-      load_words<D / 4>(reinterpret_cast<const uint8_t*>(window_row<D>(p, true, t) + value_at), w.vw[u]);
-    }
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int k) {  // k a compile-time constant
+  return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+// Two floats as a pair of the mma's 16-bit numbers (a in the low half), rounded to nearest.
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack16(float a, float b) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    return h2_bits(__floats2half2_rn(a, b));
   }
 }
+// ... as two pairs whose sum is a and b: the rounded numbers and what rounding left (about 22 bits in fp16, 16 in bf16).
+template <bool BF16>
+__device__ __forceinline__ void pack16_split(float a, float b, uint32_t& hi, uint32_t& lo) {
+  hi = pack16<BF16>(a, b);
+  lo = pack16<BF16>(a - to_float(uint16_t(hi), BF16), b - to_float(uint16_t(hi >> 16), BF16));
+}
 
-// The window attended first, before the quantized chunks, and the main loop continues its online softmax (after the
-// loop it was a tail that every call waited on). CUDA cores in fp32: each lane dots D/32 channels of a key with every
-// head's query and a butterfly sums them; the value rows go straight into the loop's accumulator layout (this lane:
-// channels gid * D/8 + 2mv and + 1, heads 2tig and 2tig + 1), UNROLL tokens at a time. NH bounds the block's heads at
-// compile time (rows past them hold a zero query and are never written out). Leaves m, l (on the gid == 0 lanes; the
-// loop's sums run over rows) and acc in the loop's units: the folded rows hold 2^value_pos / CODE_UNIT times the value.
-template <int D, int VB, int NH>
-__device__ __forceinline__ void window_first(const DecodeParams& p, const uint16_t* qs, bool fold, TokenRange r,
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {  // four 8x8 16-bit tiles, mma's A layout
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+}
+
+// The window attended first, before the quantized chunks, on tensor cores: 16 tokens a tile, its keys and values as
+// stored (the model's 16-bit numbers, so a bf16 model's go through bf16 mma), the same two products as a quantized
+// chunk's: scores^T[token, head] = keys . (q * softmax scale * log2 e), the query as hi + lo parts (two mma per step),
+// and out^T[channel, head] += values^T . p. The keys come by ldmatrix (channels in their order); each value fragment
+// pairs two tokens' numbers of a channel with one byte permute, so that the accumulator rows are the loop's (this lane:
+// channels gid * D/8 + 2mv and + 1, heads 2tig and 2tig + 1). The online softmax is the loop's, which goes on from the
+// state left here: m per head (the same on the 8 lanes of a head), l this lane's share of the rows, folded rows in the
+// loop's units. Tokens past the warp's last are its last again, masked.
+template <int D, int VB, bool BF16>
+__device__ __forceinline__ void window_tiles(const DecodeParams& p, const uint16_t* qs, bool fold, TokenRange r,
                                              const uint8_t* staged, int room, float (&m)[2], float (&l)[2],
                                              float (&acc)[D / 16][4]) {
-  constexpr int PER = D / 32, NMV = D / 16, UNROLL = WindowBatch<D>::UNROLL;
+  constexpr int KS = D / 16, VU = D / 64;  // k-steps of a score mma; 16-byte units of a lane's value slice
+  if (r.hi <= r.lo) return;
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  const int b = blockIdx.z;
-  const bool bf16 = p.is_bf16;
-  const uint8_t* mask = p.mask ? p.mask + b * p.mask_sb + p.nq : nullptr;
-  float qf[NH][PER];
+  const uint8_t* mask = p.mask ? p.mask + blockIdx.z * p.mask_sb + p.nq : nullptr;
+  uint32_t qh[2 * KS], ql[2 * KS];  // head gid's query: channels 16kk + 2tig, + 1 (entry 2kk) and 8 more (2kk + 1)
+  const uint32_t* qw = reinterpret_cast<const uint32_t*>(qs + gid * D);
 #pragma unroll
-  for (int g = 0; g < NH; ++g)
-#pragma unroll
-    for (int i = 0; i < PER; ++i) qf[g][i] = staged_query(p, qs, g * D + lane * PER + i);
-  for (int t0 = r.lo; t0 < r.hi; t0 += UNROLL) {
-    WindowBatch<D> w;
-    load_window<D>(p, r, t0, staged, room, w);
-    float sc[UNROLL][NH];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      float kf[PER];
-#pragma unroll
-      for (int i = 0; i < PER; ++i) kf[i] = to_float(uint16_t(w.kw[u].w[i / 2] >> (16 * (i % 2))), bf16);
-#pragma unroll
-      for (int g = 0; g < NH; ++g) {
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < PER; ++i) dot = fmaf(qf[g][i], kf[i], dot);
-        sc[u][g] = dot;
-      }
-    }
-    // the dot products summed over the lanes, lane l left with number l >> SHIFT of sc, then this lane's heads' fetched
-    constexpr int SUMS = UNROLL * NH, SHIFT = 5 - log2_of(SUMS);
-    static_assert(SUMS <= 32 && (SUMS & (SUMS - 1)) == 0, "UNROLL * NH: a power of two up to 32");
-    float flat[SUMS];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-      for (int g = 0; g < NH; ++g) flat[u * NH + g] = sc[u][g];
-    sum_scatter<SUMS, 16>(flat, lane);
-    float pr[UNROLL][2];  // this lane's heads' probabilities
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float s[UNROLL], mx = m[e];
-      const int g = 2 * tig + e;
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const float dot = __shfl_sync(0xffffffffu, flat[0], (u * NH + min(g, NH - 1)) << SHIFT);
-        const float x = g < NH ? dot : 0.f;  // a head past NH has a zero query
-        const bool valid = t0 + u < r.hi && (!mask || mask[min(t0 + u, r.hi - 1)]);
-        s[u] = valid ? x : -INFINITY;
-        mx = fmaxf(mx, s[u]);
-      }
-      const float base = mx == -INFINITY ? 0.f : mx;  // nothing attended yet: exp2(-inf - 0) = 0, not NaN
-      const float alpha = fast_exp2(m[e] - base);
-      float sum = 0.f;
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) { pr[u][e] = fast_exp2(s[u] - base); sum += pr[u][e]; }
-      l[e] = l[e] * alpha + sum;
-      m[e] = mx;
-#pragma unroll
-      for (int mv = 0; mv < NMV; ++mv) { acc[mv][e] *= alpha; acc[mv][e + 2] *= alpha; }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-      for (int mv = 0; mv < NMV; ++mv) {
-        const uint32_t vv = w.vw[u].w[mv];  // channels 2mv, 2mv + 1 of this lane's slice
-        const float v0 = to_float(uint16_t(vv), bf16), v1 = to_float(uint16_t(vv >> 16), bf16);
-#pragma unroll
-        for (int e = 0; e < 2; ++e) { acc[mv][e] = fmaf(pr[u][e], v0, acc[mv][e]); acc[mv][e + 2] = fmaf(pr[u][e], v1, acc[mv][e + 2]); }
-      }
+  for (int i = 0; i < 2 * KS; ++i) {
+    const uint32_t w = qw[8 * (i >> 1) + 4 * (i & 1) + tig];
+    pack16_split<BF16>(to_float(uint16_t(w), BF16) * p.scale_log2, to_float(uint16_t(w >> 16), BF16) * p.scale_log2,
+                       qh[i], ql[i]);
   }
-  if (gid != 0) l[0] = l[1] = 0.f;
+  const uint8_t* key_rows = reinterpret_cast<const uint8_t*>(window_row<D>(p, false, r.lo));  // in global memory
+  const uint8_t* value_rows = reinterpret_cast<const uint8_t*>(window_row<D>(p, true, r.lo));
+  // one tile of tokens from t0: from the stage where all its rows have room there, else from global memory
+  auto tile = [&](int t0, auto staged_tile) {
+    constexpr bool STAGED = decltype(staged_tile)::value;
+    float cc[4] = {0.f, 0.f, 0.f, 0.f}, cl[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (STAGED) {  // lane i addresses row i % 16 of the tile, the k-step's second 8 channels from lane 16
+      const int j = min(t0 + (lane & 15), r.hi - 1) - r.lo;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, staged + j * 2 * D + 16 * window_unit(j, 2 * kk + (lane >> 4)));
+        mma16816<BF16>(cc, a[0], a[1], a[2], a[3], qh[2 * kk], qh[2 * kk + 1]);
+        mma16816<BF16>(cl, a[0], a[1], a[2], a[3], ql[2 * kk], ql[2 * kk + 1]);
+      }
+    } else {  // rows gid and gid + 8, the words of the same channels
+      const uint32_t* ka = reinterpret_cast<const uint32_t*>(key_rows + (min(t0 + gid, r.hi - 1) - r.lo) * 2 * p.wk_st);
+      const uint32_t* kb = reinterpret_cast<const uint32_t*>(key_rows + (min(t0 + gid + 8, r.hi - 1) - r.lo) * 2 * p.wk_st);
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const int w = 8 * kk + tig;
+        const uint32_t a0 = __ldg(ka + w), a1 = __ldg(kb + w), a2 = __ldg(ka + w + 4), a3 = __ldg(kb + w + 4);
+        mma16816<BF16>(cc, a0, a1, a2, a3, qh[2 * kk], qh[2 * kk + 1]);
+        mma16816<BF16>(cl, a0, a1, a2, a3, ql[2 * kk], ql[2 * kk + 1]);
+      }
+    }
+    // scores: rows tokens t0 + gid and t0 + gid + 8, columns heads 2tig and 2tig + 1
+    const bool va = t0 + gid < r.hi && (!mask || mask[t0 + gid]);
+    const bool vb = t0 + gid + 8 < r.hi && (!mask || mask[t0 + gid + 8]);
+    float s[4] = {va ? cc[0] + cl[0] : -INFINITY, va ? cc[1] + cl[1] : -INFINITY,
+                  vb ? cc[2] + cl[2] : -INFINITY, vb ? cc[3] + cl[3] : -INFINITY};
+    float alpha[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {  // the exact running max (the window comes first: no slack yet)
+      const float mn = fmaxf(m[e], warp_max_rows(fmaxf(s[e], s[e + 2])));
+      const float base = mn == -INFINITY ? 0.f : mn;  // nothing attended yet: exp2(-inf - 0) = 0, not NaN
+      alpha[e] = fast_exp2(m[e] - base);
+      m[e] = mn;
+      s[e] = fast_exp2(s[e] - base);
+      s[e + 2] = fast_exp2(s[e + 2] - base);
+      l[e] = fmaf(l[e], alpha[e], s[e] + s[e + 2]);
+    }
+    if (t0 != r.lo) {  // (before the first tile the accumulators are zero)
+#pragma unroll
+      for (int mv = 0; mv < D / 16; ++mv) {
+        acc[mv][0] *= alpha[0]; acc[mv][1] *= alpha[1]; acc[mv][2] *= alpha[0]; acc[mv][3] *= alpha[1];
+      }
+    }
+    // p as the second operand (tokens 2tig, 2tig + 1 and 8 more; head gid): in fp16 once, in bf16 as hi + lo (its 8 bits
+    // alone would cost up to 2^-9 of each probability)
+    uint32_t bh[2], bl[2];
+    pack16_split<BF16>(s[0], s[1], bh[0], bl[0]);
+    pack16_split<BF16>(s[2], s[3], bh[1], bl[1]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) { bh[i] = transpose8x8(bh[i]); if (BF16) bl[i] = transpose8x8(bl[i]); }
+    int jv[4];  // value rows: tokens t0 + 2tig, + 1, + 8, + 9
+#pragma unroll
+    for (int k = 0; k < 4; ++k) jv[k] = min(t0 + 2 * tig + (k & 1) + 8 * (k >> 1), r.hi - 1) - r.lo;
+#pragma unroll
+    for (int u = 0; u < VU; ++u) {  // unit u of this lane's value slice: value tiles (channel pairs) 4u .. 4u + 3
+      uint4 v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int unit = gid * VU + u;
+        if constexpr (STAGED) v[k] = *reinterpret_cast<const uint4*>(staged + (room + jv[k]) * 2 * D + 16 * window_unit(jv[k], unit));
+        else v[k] = __ldg(reinterpret_cast<const uint4*>(value_rows + jv[k] * 2 * p.wv_st) + unit);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t w0 = word_of(v[0], k), w1 = word_of(v[1], k), w8 = word_of(v[2], k), w9 = word_of(v[3], k);
+        const uint32_t a0 = __byte_perm(w0, w1, 0x5410), a1 = __byte_perm(w0, w1, 0x7632);  // channel 2mv; 2mv + 1
+        const uint32_t a2 = __byte_perm(w8, w9, 0x5410), a3 = __byte_perm(w8, w9, 0x7632);
+        mma16816<BF16>(acc[4 * u + k], a0, a1, a2, a3, bh[0], bh[1]);
+        if (BF16) mma16816<BF16>(acc[4 * u + k], a0, a1, a2, a3, bl[0], bl[1]);
+      }
+    }
+  };
+  for (int t0 = r.lo; t0 < r.hi; t0 += 16) {
+    if (min(t0 + 15, r.hi - 1) - r.lo < room) tile(t0, Bool<true>());
+    else tile(t0, Bool<false>());
+  }
   if (fold) {  // into the loop's units (powers of two: exact)
 #pragma unroll
-    for (int mv = 0; mv < NMV; ++mv) {
+    for (int mv = 0; mv < D / 16; ++mv) {
       const float lo = float(1 << value_pos<VB>(mv, false)) / CODE_UNIT, hi = float(1 << value_pos<VB>(mv, true)) / CODE_UNIT;
       acc[mv][0] *= lo; acc[mv][1] *= lo; acc[mv][2] *= hi; acc[mv][3] *= hi;
     }
@@ -704,8 +710,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   QueryLoad<D> query;
   load_query<D>(p, query);
   const TokenRange wr = window_range(p, warp);
-  uint8_t* window_stage = stages + (TT_STAGES - 1) * stage_bytes;  // free until the loop's first refill
-  const int window_room = stage_bytes / (4 * D);                    // rows of keys and of values it holds
+  uint8_t* window_stage = stages + TT_FIRST_AHEAD * stage_bytes;  // free until the loop's first refills
+  const int window_room = (TT_STAGES - TT_FIRST_AHEAD) * stage_bytes / (4 * D);  // rows of keys and of values they hold
   copy_window<D>(p, wr, window_stage, window_room);
 #pragma unroll
   for (int i = 0; i < TT_FIRST_AHEAD; ++i) issue_next();
@@ -723,8 +729,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   else cp_async_wait<TT_FIRST_AHEAD>();  // (the oldest group, ahead of the first chunks')
   __syncwarp();                          // ... for every lane; the first chunks are still on their way
   if (TT_ABLATE == 7) {}  // (timing: the rows copied, not attended)
-  else if (GH <= 4) window_first<D, VB, 4>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
-  else window_first<D, VB, MAX_HEADS>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
+  else if (bf16) window_tiles<D, VB, true>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
+  else window_tiles<D, VB, false>(p, qs, fold, wr, window_stage, window_room, m_run, l_run, acc);
   // the window's stage was written by cp.async and read by this warp; the copy engine refills it next: order the two
   // proxies' accesses (PTX asks for a proxy fence between them)
   if (TT_USE_BULK) proxy_fence();
@@ -965,6 +971,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // --- one partial per block: the 4 warps' states (window and chunks), merged in shared memory ---
   __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
   stamp_split(5);  // 5 every warp's loop done
+  // o_sh [WARPS][MAX_HEADS][D]: head g's channels d at d ^ 4 (g >> 1) (float4 groups swapped within the row): a store
+  // instruction of the warp (8 lanes' channel slices, D/8 apart, for 4 heads) then puts at most 2 lanes on a bank pair,
+  // not 16 as in channel order; ml_sh [WARPS][MAX_HEADS][2]
   float* o_sh = reinterpret_cast<float*>(shared_raw + stages_offset<D>());  // (past the mbarriers: they stay barriers)
   float* ml_sh = o_sh + WARPS * MAX_HEADS * D;
   float* my_o = o_sh + warp * MAX_HEADS * D;
@@ -976,29 +985,33 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const float l = warp_sum_rows(l_run[e]);
     const int g = 2 * tig + e;
     if (gid == 0) { my_ml[2 * g] = m_run[e]; my_ml[2 * g + 1] = l; }
-    float* o = my_o + g * D + gid * SEGV;
+    float* o = my_o + g * D;
 #pragma unroll
     for (int mv = 0; mv < NMV; ++mv) {  // folded rows hold 2^value_pos times the value: divide (exactly) and add the zeros
       const float lo = fold ? CODE_UNIT / float(1 << value_pos<VB>(mv, false)) : 1.f;
       const float hi = fold ? CODE_UNIT / float(1 << value_pos<VB>(mv, true)) : 1.f;
-      *reinterpret_cast<float2*>(o + 2 * mv) = make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
+      if (g < GH)
+        *reinterpret_cast<float2*>(o + ((gid * SEGV + 2 * mv) ^ (4 * tig))) =
+            make_float2(fmaf(acc[mv][e], lo, zsum[e]), fmaf(acc[mv][e + 2], hi, zsum[e]));
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < GH * D; i += WARPS * 32) {  // the block's partial: channel d of head g
-    const int g = i / D, d = i % D;
+  for (int i = threadIdx.x; i < GH * D / 4; i += WARPS * 32) {  // the block's partial: channels d .. d + 3 of head g
+    const int g = 4 * i / D, d = 4 * i % D, at = g * D + (d ^ (4 * (g >> 1)));
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) M = fmaxf(M, ml_sh[w * MAX_HEADS * 2 + 2 * g]);
-    float L = 0.f, o = 0.f;
+    float L = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       const float a = merge_weight(ml_sh[w * MAX_HEADS * 2 + 2 * g], M);
       L = fmaf(a, ml_sh[w * MAX_HEADS * 2 + 2 * g + 1], L);
-      o = fmaf(a, o_sh[(w * MAX_HEADS + g) * D + d], o);
+      const float4 x = *reinterpret_cast<const float4*>(o_sh + w * MAX_HEADS * D + at);
+      o.x = fmaf(a, x.x, o.x); o.y = fmaf(a, x.y, o.y); o.z = fmaf(a, x.z, o.z); o.w = fmaf(a, x.w, o.w);
     }
     const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x;
-    p.o_part[base * D + d] = o;
+    *reinterpret_cast<float4*>(p.o_part + base * D + d) = o;
     if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
   stamp_split(6);  // 6 partial written

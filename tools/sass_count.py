@@ -11,7 +11,7 @@ query fold at the start of each 128-token block) are left out. With one value gr
 between the folded and the plain value road is taken as the kernel takes it. Prints registers, spills and an opcode
 histogram. Static counts are not time (a variant with 23% fewer instructions once measured no faster on an H200 while
 the kernel was bound elsewhere; later the subnormal codes, 18% fewer, were 5-12% faster; 08_cuda), but the count is a
-quick, exact check of what a change does to the loop. Also counts the window's batch loops (one per head count), which
+quick, exact check of what a change does to the loop. Also counts the window's tile loops (one per 16-bit type), which
 every warp runs once or twice before its main loop.
 
 NVRTC, cuobjdump and nvdisasm come from NVIDIA's Linux x86-64 wheels on PyPI (downloaded once into
@@ -99,14 +99,14 @@ def steady_loop(code, skip_over):
 
 
 def window_loops(code):
-    "The window's batch loops (4 tokens a turn, one per head count): loops with warp shuffles and exp2, no mma, no copies."
+    "The window's tile loops (16 tokens a turn, one per 16-bit type): loops with mma and exp2 but no copies."
     loops = []
     for addr, ins in code:
         t = branch_target(ins)
         if t is not None and t < addr:
             body = [x for a, x in code if t <= a <= addr]
-            if (any("SHFL.BFLY" in x for x in body) and any("MUFU.EX2" in x for x in body)
-                    and not any("HMMA" in x or "UBLKCP" in x or "LDGSTS" in x for x in body)):
+            if (any("HMMA" in x for x in body) and any("MUFU.EX2" in x for x in body)
+                    and not any("UBLKCP" in x or "LDGSTS" in x for x in body)):
                 loops.append(body)
     return loops
 
@@ -146,7 +146,8 @@ def main():
     print(f"main loop: {len(body)} instructions; steady-state road: {len(road)} per chunk")
     print("  " + " ".join(f"{k}:{v}" for k, v in hist.most_common()))
     for body in window_loops(instructions(quantized)):  # run once or twice per call: latency, not throughput
-        print(f"window batch loop: {len(body)} instructions, {sum('SHFL' in x for x in body)} shuffles")
+        print(f"window tile loop: {len(body)} instructions, {sum('HMMA' in x for x in body)} mma, "
+              f"{sum('SHFL' in x for x in body)} shuffles")
     if args.dump: Path(args.dump).write_text("\n".join(f"{a:05x} {x}" for a, x in road) + "\n")
 
 
