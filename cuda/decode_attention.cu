@@ -2,7 +2,8 @@
 //
 // One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
 // warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window. Each warp first
-// attends its quarter of that share (copied into its last stage ahead of its first chunks), then walks its quarter of
+// attends its quarter of that share (copied into the stages its first chunk leaves free, attended on tensor cores 16
+// tokens a tile), then walks its quarter of
 // the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
 // copying them into its own shared-memory stages TT_STAGES - 1 chunks ahead of the one it computes (codes, the value
 // scales and zeros, and each key block's scale and zero rows; on Hopper one bulk copy per region, asked for by one
@@ -434,7 +435,7 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
 // attended 5-14 us into a call either way, because every warp's first requests come back together; against plain loads
 // issued after the chunks' copies, between 1.8 us sooner and 2.6 us later on five shapes.)
 // In a staged row the 16-byte unit u sits at unit u ^ (j & 7) (an XOR swizzle within the row): the 8 rows an ldmatrix
-// reads at once (2D bytes apart) then fall on 8 different bank groups, not all on the same 4 banks.
+// reads at once (2D bytes apart) then fall on 8 different bank groups, not all on the same 4 banks (08_cuda models it).
 __host__ __device__ constexpr int window_unit(int j, int u) { return u ^ (j & 7); }
 template <int D>
 __device__ __forceinline__ const uint16_t* window_row(const DecodeParams& p, bool values, int64_t t) {  // row t's start
@@ -972,8 +973,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
   stamp_split(5);  // 5 every warp's loop done
   // o_sh [WARPS][MAX_HEADS][D]: head g's channels d at d ^ 4 (g >> 1) (float4 groups swapped within the row): a store
-  // instruction of the warp (8 lanes' channel slices, D/8 apart, for 4 heads) then puts at most 2 lanes on a bank pair,
-  // not 16 as in channel order; ml_sh [WARPS][MAX_HEADS][2]
+  // instruction of the warp (8 lanes' channel slices, D/8 apart, for 4 heads) then takes 4 wavefronts at head_dim 64
+  // and 128 (8 at 256) instead of 8, 16 (32) in channel order (modelled in 08_cuda); ml_sh [WARPS][MAX_HEADS][2]
   float* o_sh = reinterpret_cast<float*>(shared_raw + stages_offset<D>());  // (past the mbarriers: they stay barriers)
   float* ml_sh = o_sh + WARPS * MAX_HEADS * D;
   float* my_o = o_sh + warp * MAX_HEADS * D;
