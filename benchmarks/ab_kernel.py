@@ -3,6 +3,7 @@
     python benchmarks/ab_kernel.py --baseline d1fd665                 # that revision's cuda/ sources, exported with git
     python benchmarks/ab_kernel.py --baseline-dir /tmp/other_cuda     # a folder with another decode_attention.{cpp,cu,h}
     python benchmarks/ab_kernel.py --baseline d1fd665 --bits 4/2      # caches of other bits (4/4 unless told)
+    python benchmarks/ab_kernel.py --baseline d1fd665 --note "what changed"  # kept in the JSON, printed by 08_cuda
 
 Two runs on a lent GPU differ by a few percent (the machine, its clocks, the copy bandwidth), as much as a kernel change
 may gain: a change is judged by timing both kernels here, interleaved, on the same caches. Both are built for head_dim
@@ -82,6 +83,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bits", default="4/4", help="key/value bits of the caches, e.g. 4/2")
+    ap.add_argument("--note", help="what the two kernels are, kept in the JSON (08_cuda prints it)")
     args = ap.parse_args()
     bits = tuple(int(b) for b in args.bits.split("/"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +103,8 @@ def main():
         torch.cuda.empty_cache()
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                   date=datetime.datetime.now().isoformat(timespec="seconds"), baseline=name, this=str(kernel_source_dir()),
-                  copy_GBps=copy_bw, reps=args.reps, rounds=args.rounds, rows=rows)
+                  copy_GBps=copy_bw, reps=args.reps, rounds=args.rounds, rows=rows,
+                  note=args.note or f"the kernel in {kernel_source_dir()} against {name} (baseline)")
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("wrote", args.out)
 
