@@ -101,10 +101,11 @@ def main():
               f"-> baseline/this {r['baseline_over_this']:.3f} (this: {r['fraction_of_copy']['this']:.2f} of copy); "
               f"outputs differ by {r['max_rel_difference']:.1e}", flush=True)
         torch.cuda.empty_cache()
+    this = str(kernel_source_dir())
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
-                  date=datetime.datetime.now().isoformat(timespec="seconds"), baseline=name, this=str(kernel_source_dir()),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), baseline=name, this=this,
                   copy_GBps=copy_bw, reps=args.reps, rounds=args.rounds, rows=rows,
-                  note=args.note or f"the kernel in {kernel_source_dir()} against {name} (baseline)")
+                  note=args.note or f"the kernel in {this} against {name} (baseline)")
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("wrote", args.out)
 

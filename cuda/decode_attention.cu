@@ -800,9 +800,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           c0 -= 16 * j; c1 -= 16 * j;
           const float gain = float(KEY_GAIN >> key_pos<KB>(i)) * p.scale_log2;  // (a power of two times it)
           const float v0 = qf[c0] * sf[c0] * gain, v1 = qf[c1] * sf[c1] * gain;
-          const __half2 hi = __floats2half2_rn(v0, v1);
-          const __half2 lo = __floats2half2_rn(v0 - __low2float(hi), v1 - __high2float(hi));
-          qh[i] = h2_bits(hi); ql[i] = h2_bits(lo);
+          pack16_split<false>(v0, v1, qh[i], ql[i]);
         }
       }
       };

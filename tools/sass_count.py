@@ -139,13 +139,14 @@ def main():
     mine = log[log.index("quantized_kernel"):]  # ptxas reports each kernel after its name
     regs = int(re.search(r"Used (\d+) registers", mine).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", mine).group(1))
-    body, road = steady_loop(instructions(quantized), args.skip_over)
+    code = instructions(quantized)
+    body, road = steady_loop(code, args.skip_over)
     hist = collections.Counter(opcode(x) for _, x in road)
     print(f"{name} {' '.join(args.define) or '(default build)'}: "
           f"{regs} registers, {spills} bytes spilled")
     print(f"main loop: {len(body)} instructions; steady-state road: {len(road)} per chunk")
     print("  " + " ".join(f"{k}:{v}" for k, v in hist.most_common()))
-    for body in window_loops(instructions(quantized)):  # run once or twice per call: latency, not throughput
+    for body in window_loops(code):  # run once or twice per call: latency, not throughput
         print(f"window tile loop: {len(body)} instructions, {sum('HMMA' in x for x in body)} mma, "
               f"{sum('SHFL' in x for x in body)} shuffles")
     if args.dump: Path(args.dump).write_text("\n".join(f"{a:05x} {x}" for a, x in road) + "\n")
