@@ -5,7 +5,7 @@
 
 Builds the kernel with TT_TRACE=1: thread 0 of each block of the split kernel stamps %globaltimer (nanoseconds, one
 clock for every multiprocessor) and clock64 (the multiprocessor's cycles) at its start (0), once the query is staged
-(1), after the window (2), when its warp's first chunk has landed (3), when its warp's loop is done (4), when every warp's
+(1; and once the first chunks' copies are asked for, slot 7, and its multiprocessor, slot 8), after the window (2), when its warp's first chunk has landed (3), when its warp's loop is done (4), when every warp's
 is (5) and when the block's partial is written (6); each block of the combine kernel stamps its start (with TT_PDL, once
 its wait is over) and end. One eager call after warm-up, on random data (bench_kernel.random_history); `--before` also
 traces it after L2 is evicted (`cold`), or evicted and the cache's tensors read back (`data`: its data in L2 where it
@@ -19,6 +19,7 @@ import torch
 from tiny_turboquant.kernel import build_kernel, fused_decode_attention
 from bench_kernel import SHAPES, random_history
 
+ASKED, SM = 7, 8  # slots: the first chunks' copies asked for (between start and query staged); the block's multiprocessor
 PHASES = ["start", "query staged", "window", "first chunk landed", "loop done (warp 0)", "loop done (all warps)",
           "partial written"]
 
@@ -53,11 +54,14 @@ def trace_one(shape, B, context, defines, reps=3, before="warm"):
     if clocks is None: raise RuntimeError("the kernel was not built with TT_TRACE=1")
     SPLIT_BLOCKS, SPLIT_EVENTS = ext.TRACE_SPLIT_BLOCKS, ext.TRACE_SPLIT_EVENTS  # the slot layout, as the header has it
     ns, cycles = clocks[0], clocks[1]
+    asked_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, ASKED]
+    sm_of = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, SM]
     split_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
     split_cy = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
     comb = ns[SPLIT_BLOCKS * SPLIT_EVENTS:].view(-1, 2)
     used = split_ns[:, 0] > 0
-    split_ns, split_cy, comb = split_ns[used], split_cy[used], comb[comb[:, 0] > 0]
+    split_ns, split_cy, asked_ns, sm_of = split_ns[used], split_cy[used], asked_ns[used], sm_of[used]
+    comb = comb[comb[:, 0] > 0]
     # a block with no chunk of its own stamps no "first chunk landed": take its window's end
     split_ns[:, 3] = torch.where(split_ns[:, 3] > 0, split_ns[:, 3], split_ns[:, 2])
     split_cy[:, 3] = torch.where(split_cy[:, 3] > 0, split_cy[:, 3], split_cy[:, 2])
@@ -68,10 +72,16 @@ def trace_one(shape, B, context, defines, reps=3, before="warm"):
                for e in range(1, len(PHASES))}
     cycle_lengths = {f"{PHASES[e - 1]} -> {PHASES[e]}": quantiles((split_cy[:, e] - split_cy[:, e - 1]).double())
                      for e in range(1, len(PHASES))}
+    # blocks grouped by how many of the launch's blocks share their multiprocessor: when each group's loops end
+    sharing = torch.bincount(sm_of)[sm_of]
+    by_sharing = {int(n): dict(blocks=int((sharing == n).sum()), loop_done_us=quantiles(us(split_ns[sharing == n, 5])))
+                  for n in sharing.unique()}
     return dict(shape=shape, batch=B, context=context, before=before, split_blocks=int(used.sum()),
+                multiprocessors_used=int(sm_of.unique().numel()), by_blocks_per_multiprocessor=by_sharing,
                 combine_blocks=len(comb),
                 split_end_us=us(split_ns[:, 6].max()).item(), combine_start_us=quantiles(us(comb[:, 0])),
-                combine_end_us=us(comb[:, 1].max()).item(), phase_end_us=phase_us, phase_length_us=lengths,
+                combine_end_us=us(comb[:, 1].max()).item(), combine_ends_us=quantiles(us(comb[:, 1])),
+                first_copies_asked_us=quantiles(us(asked_ns)), phase_end_us=phase_us, phase_length_us=lengths,
                 phase_length_cycles=cycle_lengths)
 
 
@@ -100,7 +110,11 @@ def main():
               f"/{r['phase_end_us']['start']['max']:.1f} us (median/max), query {med('query staged'):.1f}, window {med('window'):.1f}, "
               f"first chunk {med('first chunk landed'):.1f}, loop done {med('loop done (all warps)'):.1f}"
               f"/{r['phase_end_us']['loop done (all warps)']['max']:.1f}, partial {med('partial written'):.1f}"
-              f"/{r['split_end_us']:.1f}; combine {r['combine_start_us']['min']:.1f}-{r['combine_end_us']:.1f} us", flush=True)
+              f"/{r['split_end_us']:.1f}; combine {r['combine_start_us']['min']:.1f}-"
+              f"{r['combine_ends_us']['median']:.1f}/{r['combine_end_us']:.1f} us; copies asked "
+              f"{r['first_copies_asked_us']['median']:.2f}; loops done by blocks per multiprocessor: "
+              + ", ".join(f"{n}: {g['blocks']} blocks {g['loop_done_us']['median']:.1f}/{g['loop_done_us']['max']:.1f}"
+                          for n, g in r["by_blocks_per_multiprocessor"].items()), flush=True)
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, defines=list(defines),
                   date=datetime.datetime.now().isoformat(timespec="seconds"), phases=PHASES, before=BEFORE, calls=rows,
                   notes="microseconds from the first split block's start; phase_end_us: when each block reached the phase "

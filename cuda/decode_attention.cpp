@@ -22,6 +22,7 @@ void check_layout(const at::Tensor& t, const char* name, int64_t dim, const at::
 
 // `t`, or a contiguous copy if one of its (row, head) slices would not start on 16 bytes (the kernels move 16-byte
 // units); the cache's own tensors always do, so a decode step copies nothing
+
 at::Tensor aligned(const at::Tensor& t) {
   if (t.numel() == 0) return t;
   const int64_t esize = t.element_size();
@@ -107,21 +108,31 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.B = B; p.Hkv = Hkv; p.G = Hq / Hkv; p.D = D; p.key_bits = key_bits; p.value_bits = value_bits;
   p.nq = nq; p.nw = nw;
   p.head_groups = (p.G + 7) / 8;
-  // split-K: pick the number of splits per (row, head group) so that the blocks fill whole waves of the GPU (at least
-  // 90% of the resident slots busy), with at least 2 key blocks per split so every warp has a few chunks to pipeline;
-  // every split also takes a share of the window, so no block is left with the window alone
+  // split-K: the number of splits per (row, head group). Blocks that share a multiprocessor with two others end their
+  // loops about 1.2x later than blocks that share it with one (trace_kernel.py), so the grid should put as many blocks
+  // on every multiprocessor: among the grids of one wave that fill 90-100% of the resident slots, the one whose blocks
+  // spread the most evenly; where no grid fills 90% of them (short contexts, or more rows than slots), the fewest
+  // splits that fill 90% of whole waves (or the best fill). A split takes a share of the 32-token chunks (a block's
+  // work differs by at most one chunk), at least 8 of them (2 key blocks) where it can, so every warp has a few to
+  // pipeline, and a share of the window, so no block is left with the window alone.
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
   const int64_t resident = int64_t(sms) * occ;
   const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64});
-  int64_t splits = 1; double best_eff = 0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
+  int64_t splits = 1;
+  double fill_best = 0;
+  for (int64_t s = 1; s <= max_splits; ++s) {  // the fewest splits that fill 90% of whole waves, or the best fill
     const int64_t blocks = rows * s, waves = (blocks + resident - 1) / resident;
-    const double eff = double(blocks) / double(waves * resident);
-    if (eff > best_eff + 1e-9) { splits = s; best_eff = eff; }
-    if (eff >= 0.9) break;
+    const double fill = double(blocks) / double(waves * resident);
+    if (fill > fill_best + 1e-9) { splits = s; fill_best = fill; }
+    if (fill >= 0.9) break;
+  }
+  double even_best = 0;
+  for (int64_t s = 1; s <= max_splits && rows * s <= resident; ++s) {  // one wave, 90-100% of the slots, most even
+    const int64_t blocks = rows * s;
+    const double even = double(blocks) / double(sms * ((blocks + sms - 1) / sms));  // 1: as many on every SM
+    if (blocks * 10 >= resident * 9 && even >= even_best - 1e-9) { splits = s; even_best = even; }
   }
   p.splits = splits;
-  p.tiles_per_split = (ntiles + splits - 1) / splits;
   p.window_per_split = (nw + splits - 1) / splits;
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;

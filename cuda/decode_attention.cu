@@ -1,7 +1,7 @@
 // Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
 //
 // One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
-// warps. Split s takes a range of whole 128-token key blocks and a share of the full-precision window. Each warp first
+// warps. Split s takes a range of whole 32-token chunks and a share of the full-precision window. Each warp first
 // attends its quarter of that share (copied into the stages its first chunk leaves free, attended on tensor cores 16
 // tokens a tile), then walks its quarter of
 // the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
@@ -10,7 +10,8 @@
 // lane, before Hopper cp.async from every lane) and reading the mma fragments from there. The block merges its warps'
 // states (running max m, sum l, unnormalised output o) in shared memory into one partial per split; `combine_kernel`
 // merges those (on Hopper launched programmatically: its blocks wait on the device, not for a launch).
-// The host picks the number of splits so that the grid is one whole wave of resident blocks where it can.
+// The host picks the number of splits so that the grid is one wave of resident blocks spread evenly over the
+// multiprocessors where it can.
 //
 // Quantized part, per warp and chunk, with tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate):
 //   scores^T[token, head] = codes[token, :] . (q * key_scale * softmax_scale)[head, :] + q . key_zero * softmax_scale
@@ -104,6 +105,14 @@ __device__ __forceinline__ void stamp(int slot) {  // thread 0 of the block (TT_
 }
 __device__ __forceinline__ void stamp_split(int event) {
   if (TT_TRACE && block_index() < TRACE_SPLIT_BLOCKS) stamp(block_index() * TRACE_SPLIT_EVENTS + event);
+}
+__device__ __forceinline__ void stamp_sm() {  // the split block's multiprocessor, in the clock64 row of slot 8
+#if TT_TRACE
+  if (threadIdx.x != 0 || block_index() >= TRACE_SPLIT_BLOCKS) return;
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  trace_clocks[1][block_index() * TRACE_SPLIT_EVENTS + 8] = sm;
+#endif
 }
 __device__ __forceinline__ void stamp_combine(int event) {
   if (TT_TRACE && block_index() < TRACE_COMBINE_BLOCKS) stamp(TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + block_index() * 2 + event);
@@ -626,6 +635,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   using St = Stage<D, KB, VB>;
   constexpr int MT = TT_MT, CH = St::CH, CPT = TILE / CH;  // 16-token mma tiles per chunk, tokens, chunks per key block
   stamp_split(0);  // phases of a block (TT_TRACE): 0 start
+  stamp_sm();      // (and the multiprocessor it runs on)
 #if TT_USE_PDL
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // the combine kernel may launch now (TT_PDL)
 #endif
@@ -636,10 +646,11 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
-  const int ntiles = p.nq / TILE;
-  const int t_begin = blockIdx.x * p.tiles_per_split, t_end = min(ntiles, t_begin + p.tiles_per_split);
-  const int nc = max(t_end - t_begin, 0) * CPT;
-  const int c_begin = t_begin * CPT + nc * warp / WARPS, c_end = t_begin * CPT + nc * (warp + 1) / WARPS;
+  // the split's share of the row's 32-token chunks (one may start or end inside a 128-token key block), a quarter each
+  // warp's
+  const int64_t chunks = int64_t(p.nq / TILE) * CPT;
+  const int s_begin = int(chunks * blockIdx.x / p.splits), nc = int(chunks * (blockIdx.x + 1) / p.splits) - s_begin;
+  const int c_begin = s_begin + nc * warp / WARPS, c_end = s_begin + nc * (warp + 1) / WARPS;
 
   const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;
   const uint16_t* ks = static_cast<const uint16_t*>(p.ks) + b * p.km_sb + hkv * p.km_sh;
@@ -716,6 +727,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   copy_window<D>(p, wr, window_stage, window_room);
 #pragma unroll
   for (int i = 0; i < TT_FIRST_AHEAD; ++i) issue_next();
+  stamp_split(7);  // 7 (out of order) the first chunks' copies asked for
   stage_query<D>(query, qs);
   stamp_split(1);  // 1 query staged
 

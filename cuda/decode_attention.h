@@ -28,7 +28,7 @@ struct DecodeParams {
   const int64_t* window_length;
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
-  int splits, tiles_per_split;             // split-K: blocks per (row, head group), 128-token key blocks per split
+  int splits;                              // split-K: blocks per (row, head group), each a share of the 32-token chunks
   int window_per_split;                    // window tokens per split
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
@@ -38,8 +38,8 @@ struct DecodeParams {
 };
 
 // TT_TRACE builds (benchmarks/trace_kernel.py): the phases of each block of the last launch, slot b * TRACE_SPLIT_EVENTS
-// + e for split block b's phase e, then TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
-constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 8, TRACE_COMBINE_BLOCKS = 16384;
+// + e for split block b's phase e (7: the first copies asked for; 8: its multiprocessor, in the clock64 row), then TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
+constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 9, TRACE_COMBINE_BLOCKS = 16384;
 constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
 
 #ifndef __CUDACC_RTC__

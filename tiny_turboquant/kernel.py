@@ -56,7 +56,7 @@ def build_kernel(verbose=False, defines=()):
     _EXTENSIONS[defines] = cpp_extension.load(
         name=name, verbose=verbose,
         sources=[str(src / "decode_attention.cpp"), str(src / "decode_attention.cu")],
-        extra_include_paths=[str(src)], extra_cflags=["-O3"],
+        extra_include_paths=[str(src)], extra_cflags=["-O3"] + [f"-D{d}" for d in defines],  # (the host code's choices too)
         extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                            "-gencode=arch=compute_80,code=compute_80"] + [f"-D{d}" for d in defines])
     return _EXTENSIONS[defines]
