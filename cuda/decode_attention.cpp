@@ -22,7 +22,6 @@ void check_layout(const at::Tensor& t, const char* name, int64_t dim, const at::
 
 // `t`, or a contiguous copy if one of its (row, head) slices would not start on 16 bytes (the kernels move 16-byte
 // units); the cache's own tensors always do, so a decode step copies nothing
-
 at::Tensor aligned(const at::Tensor& t) {
   if (t.numel() == 0) return t;
   const int64_t esize = t.element_size();

@@ -646,8 +646,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
-  // the split's share of the row's 32-token chunks (one may start or end inside a 128-token key block), a quarter each
-  // warp's
+  // the split's share of the row's 32-token chunks (it may start or end inside a 128-token key block), a quarter of it
+  // for each warp
   const int64_t chunks = int64_t(p.nq / TILE) * CPT;
   const int s_begin = int(chunks * blockIdx.x / p.splits), nc = int(chunks * (blockIdx.x + 1) / p.splits) - s_begin;
   const int c_begin = s_begin + nc * warp / WARPS, c_end = s_begin + nc * (warp + 1) / WARPS;

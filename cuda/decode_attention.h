@@ -38,7 +38,8 @@ struct DecodeParams {
 };
 
 // TT_TRACE builds (benchmarks/trace_kernel.py): the phases of each block of the last launch, slot b * TRACE_SPLIT_EVENTS
-// + e for split block b's phase e (7: the first copies asked for; 8: its multiprocessor, in the clock64 row), then TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
+// + e for split block b's phase e (7: the first copies asked for; 8: its multiprocessor, in the clock64 row), then
+// TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
 constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 9, TRACE_COMBINE_BLOCKS = 16384;
 constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
 
