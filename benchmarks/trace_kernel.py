@@ -56,10 +56,10 @@ def trace_one(shape, B, context, defines, reps=3, before="warm"):
     if clocks is None: raise RuntimeError("the kernel was not built with TT_TRACE=1")
     SPLIT_BLOCKS, SPLIT_EVENTS = ext.TRACE_SPLIT_BLOCKS, ext.TRACE_SPLIT_EVENTS  # the slot layout, as the header has it
     ns, cycles = clocks[0], clocks[1]
-    asked_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, ASKED]
-    sm_of = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, SM]
-    split_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
-    split_cy = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)[:, :len(PHASES)]
+    slots_ns = ns[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)
+    slots_cy = cycles[:SPLIT_BLOCKS * SPLIT_EVENTS].view(SPLIT_BLOCKS, SPLIT_EVENTS)
+    split_ns, split_cy = slots_ns[:, :len(PHASES)], slots_cy[:, :len(PHASES)]
+    asked_ns, sm_of = slots_ns[:, ASKED], slots_cy[:, SM]
     comb = ns[SPLIT_BLOCKS * SPLIT_EVENTS:].view(-1, 2)
     used = split_ns[:, 0] > 0
     split_ns, split_cy, asked_ns, sm_of = split_ns[used], split_cy[used], asked_ns[used], sm_of[used]

@@ -125,11 +125,11 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     if (fill > fill_best + 1e-9) { splits = s; fill_best = fill; }
     if (fill >= 0.9) break;
   }
-  double even_best = 0;
-  for (int64_t s = 1; s <= max_splits && rows * s <= resident; ++s) {  // one wave, 90-100% of the slots, most even
+  double even_best = 0;  // then, among the grids of one wave filling 90-100% of the slots, the most even one
+  for (int64_t s = (9 * resident + 10 * rows - 1) / (10 * rows); s <= max_splits && rows * s <= resident; ++s) {
     const int64_t blocks = rows * s;
     const double even = double(blocks) / double(sms * ((blocks + sms - 1) / sms));  // 1: as many on every SM
-    if (blocks * 10 >= resident * 9 && even >= even_best - 1e-9) { splits = s; even_best = even; }
+    if (even >= even_best - 1e-9) { splits = s; even_best = even; }
   }
   p.splits = splits;
   p.window_per_split = (nw + splits - 1) / splits;
