@@ -30,8 +30,6 @@ at::Tensor aligned(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);  // (contiguous() would hand back a contiguous misaligned t)
 }
 
-int slot_decay = TT_SLOT_DECAY;  // a one-wave grid's launch-slot weights (decode_attention.h)
-
 }  // namespace
 
 at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_scale, at::Tensor key_zero,
@@ -134,9 +132,6 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     if (even >= even_best - 1e-9) { splits = s; even_best = even; }
   }
   p.splits = splits;
-  p.sms = sms;
-  // (the launch-slot weights hold within one wave, and stay positive)
-  p.slot_decay = rows * splits <= resident ? std::min(slot_decay, 255 / std::max(occ - 1, 1)) : 0;
   p.window_per_split = (nw + splits - 1) / splits;
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
@@ -160,17 +155,8 @@ c10::optional<at::Tensor> trace() {
   return host;
 }
 
-// Benchmarks: set the launch-slot weights' decay (0-127; TT_SLOT_DECAY unless told), returning the one before
-int64_t set_slot_decay(int64_t decay) {
-  TORCH_CHECK(decay >= 0 && decay < 128, "slot_decay must be in [0, 128), got ", decay);
-  const int64_t before = slot_decay;
-  slot_decay = int(decay);
-  return before;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "Fused dequantize + attention for one decode step (KIVI layout + window)");
-  m.def("set_slot_decay", &set_slot_decay, "Benchmarks: a one-wave grid's launch-slot weight decay (0-127), returns the one before");
   m.def("trace", &trace, "TT_TRACE builds: the phase stamps of the last launch ([2, slots] int64: %globaltimer, clock64), cleared");
   // the trace's slot layout (decode_attention.h), for benchmarks/trace_kernel.py
   m.attr("TRACE_SPLIT_BLOCKS") = TRACE_SPLIT_BLOCKS;

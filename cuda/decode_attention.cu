@@ -438,24 +438,6 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
   return {lo, min(s_hi, lo + per_warp)};
 }
 
-// The launch hands a grid's blocks to the multiprocessors in order: in a one-wave grid block L takes the (L / sms)-th
-// of its multiprocessor's slots, and the warp schedulers favour a multiprocessor's older blocks, so with equal shares
-// the blocks of the last slot end their loops last, alone on their multiprocessors (trace_kernel.py). The k-th slot's
-// blocks take shares weighted 256 - k * slot_decay instead (0 on the host for grids of more than one wave).
-__device__ __forceinline__ int64_t weight_before(int64_t L, int sms, int decay) {  // the weights of blocks 0 .. L-1
-  const int64_t k = L / sms;
-  return (256 * k - decay * (k * (k - 1) / 2)) * sms + (256 - decay * k) * (L - k * sms);
-}
-// This block's chunks [lo, hi) of its row's `chunks` (whole 32-token chunks; a share may start inside a key block).
-__device__ __forceinline__ TokenRange split_chunks(const DecodeParams& p, int64_t chunks) {
-  if (p.slot_decay == 0) return {int(chunks * blockIdx.x / p.splits), int(chunks * (blockIdx.x + 1) / p.splits)};
-  const int64_t first = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * p.splits;  // the row's first block
-  const int64_t w0 = weight_before(first, p.sms, p.slot_decay), row = weight_before(first + p.splits, p.sms, p.slot_decay) - w0;
-  const int64_t lo = weight_before(first + blockIdx.x, p.sms, p.slot_decay) - w0;
-  const int64_t hi = weight_before(first + blockIdx.x + 1, p.sms, p.slot_decay) - w0;
-  return {int(chunks * lo / row), int(chunks * hi / row)};
-}
-
 // The window's rows: each warp copies its share into the stages its first chunks leave free (the loop refills them only
 // after the window is attended) as its first cp.async group, ahead of its first chunks' copies: keys, then values, `room`
 // rows of each. Rows past the room (a wide window over few splits) are read from global memory. (TT_TRACE: the window is
@@ -667,8 +649,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // the split's share of the row's 32-token chunks (it may start or end inside a 128-token key block), a quarter of it
   // for each warp
   const int64_t chunks = int64_t(p.nq / TILE) * CPT;
-  const TokenRange share = split_chunks(p, chunks);
-  const int s_begin = share.lo, nc = share.hi - share.lo;
+  const int s_begin = int(chunks * blockIdx.x / p.splits), nc = int(chunks * (blockIdx.x + 1) / p.splits) - s_begin;
   const int c_begin = s_begin + nc * warp / WARPS, c_end = s_begin + nc * (warp + 1) / WARPS;
 
   const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;

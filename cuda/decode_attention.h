@@ -29,7 +29,6 @@ struct DecodeParams {
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
   int splits;                              // split-K: blocks per (row, head group), each a share of the 32-token chunks
-  int sms, slot_decay;                     // multiprocessors; a one-wave grid's launch-slot weights (split_chunks)
   int window_per_split;                    // window tokens per split
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
@@ -43,12 +42,6 @@ struct DecodeParams {
 // TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + 2b (+ 1) for combine block b's start (end)
 constexpr int TRACE_SPLIT_BLOCKS = 4096, TRACE_SPLIT_EVENTS = 9, TRACE_COMBINE_BLOCKS = 16384;
 constexpr int TRACE_SLOTS = TRACE_SPLIT_BLOCKS * TRACE_SPLIT_EVENTS + TRACE_COMBINE_BLOCKS * 2;
-
-// A one-wave grid's block in the k-th launch slot of its multiprocessor takes a share of its row's chunks weighted
-// 256 - k * TT_SLOT_DECAY (split_chunks in decode_attention.cu says why); 0: equal shares
-#ifndef TT_SLOT_DECAY
-#define TT_SLOT_DECAY 32
-#endif
 
 #ifndef __CUDACC_RTC__
 // How many blocks of the quantized kernel for these sizes fit on one multiprocessor at once (a stage's size depends
