@@ -111,7 +111,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   // loops about 1.2x later than blocks that share it with one (trace_kernel.py), so the grid should put as many blocks
   // on every multiprocessor: among the grids of one wave that fill 90-100% of the resident slots, the one whose blocks
   // spread the most evenly; where no grid fills 90% of them (short contexts, or more rows than slots), the fewest
-  // splits that fill 90% of whole waves (or the best fill). A split takes a share of the 32-token chunks (a block's
+  // splits that fill 90% of whole waves (or the best fill). A split takes a share of the chunks (a block's
   // work differs by at most one chunk), at least 8 of them (2 key blocks) where it can, so every warp has a few to
   // pipeline, and a share of the window, so no block is left with the window alone.
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
@@ -132,12 +132,17 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     if (even >= even_best - 1e-9) { splits = s; even_best = even; }
   }
   p.splits = splits;
+  const int64_t chunks = nq / CHUNK_TOKENS;  // per row
+  TORCH_CHECK(chunks < (int64_t(1) << 31), "the cache holds too many tokens for the kernel: ", nq);
+  p.split_chunks = int(chunks / splits); p.split_extra = int(chunks % splits);
   p.window_per_split = (nw + splits - 1) / splits;
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);
-  // one partial per block: its warps and its share of the window are merged in shared memory first
-  at::Tensor o_part = at::empty({B, Hq, p.splits, D}, f32), ml_part = at::empty({B, Hq, p.splits, 2}, f32);
+  // one partial per block ([B, Hq, splits] of them, then COMBINE_READS_PAST unwritten): its warps and its share of the
+  // window are merged in shared memory first
+  const int64_t partials = B * Hq * p.splits + COMBINE_READS_PAST;
+  at::Tensor o_part = at::empty({partials, D}, f32), ml_part = at::empty({partials, 2}, f32);
   at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
   p.out_f32 = float_output;
   p.o_part = o_part.data_ptr<float>(); p.ml_part = ml_part.data_ptr<float>();

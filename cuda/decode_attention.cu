@@ -28,7 +28,8 @@
 
 namespace {
 
-// Variants, chosen by benchmarks/bench_kernel.py --define / --variant (the defaults are the fastest measured on an H200):
+// Variants, chosen by benchmarks/bench_kernel.py --define / --variant (the defaults are the fastest measured on an H200;
+// TT_MT, the chunk's size, is in decode_attention.h: the host sizes the splits in chunks):
 #ifndef TT_STAGES
 #define TT_STAGES 3    // shared-memory stages per warp: TT_STAGES - 1 chunks in flight while one is computed
 #endif
@@ -46,9 +47,6 @@ namespace {
 #ifndef TT_KEY_INPLACE
 #define TT_KEY_INPLACE 1  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
 #endif                    //    and the query absorbs their place value
-#ifndef TT_MT
-#define TT_MT 2        // 16-token mma tiles per chunk (4: 64-token chunks, measured 9-27% slower)
-#endif
 #ifndef TT_MIN_BLOCKS
 #define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
 #endif
@@ -173,24 +171,6 @@ template <bool B> struct Bool { static constexpr bool value = B; };  // a compil
 
 // NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
-
-// N consecutive floats (N even, 8-byte aligned; 16-byte from N = 4), read-only for the kernel
-template <int N> struct Floats { float f[N]; };
-template <int N>
-__device__ __forceinline__ Floats<N> load_floats(const float* p) {
-  Floats<N> r;
-  if constexpr (N == 2) {
-    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
-    r.f[0] = v.x; r.f[1] = v.y;
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; i += 4) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(p + i));
-      r.f[i] = v.x; r.f[i + 1] = v.y; r.f[i + 2] = v.z; r.f[i + 3] = v.w;
-    }
-  }
-  return r;
-}
 
 // One load of a T from global memory through the read-only cache (GLOBAL) or from shared memory (a plain load, LDS).
 template <bool GLOBAL, typename T>
@@ -456,9 +436,11 @@ template <int D>
 __device__ __forceinline__ void copy_window(const DecodeParams& p, TokenRange r, uint8_t* staged, int room) {
   constexpr int UNITS = D / 8;  // 16-byte units in a row
   const int lane = threadIdx.x & 31, n = max(0, min(r.hi - r.lo, room));
-  for (int i = lane; i < 2 * n * UNITS; i += 32) {
-    const int values = i / (n * UNITS), j = (i / UNITS) % n, u = i % UNITS;
-    cp_async16(staged + (values * room + j) * 2 * D + 16 * window_unit(j, u), window_row<D>(p, values, r.lo + j) + 8 * u);
+#pragma unroll 1  // (a few rows at most: short code, as every warp runs it before its first copies)
+  for (int i = lane; i < n * UNITS; i += 32) {  // unit u of row j: its key, then its value
+    const int j = i / UNITS, u = i % UNITS;
+    cp_async16(staged + j * 2 * D + 16 * window_unit(j, u), window_row<D>(p, false, r.lo + j) + 8 * u);
+    cp_async16(staged + (room + j) * 2 * D + 16 * window_unit(j, u), window_row<D>(p, true, r.lo + j) + 8 * u);
   }
   cp_async_commit();
 }
@@ -608,7 +590,7 @@ __device__ __forceinline__ void window_tiles(const DecodeParams& p, const uint16
 // the key row slots, the stages' mbarriers, then the stages.
 template <int D, int KB, int VB>
 struct Stage {
-  static constexpr int CH = 16 * TT_MT, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
+  static constexpr int CH = CHUNK_TOKENS, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
   static constexpr int KEYS = 0, VALUES = CH * KR, META = CH * (KR + VR);  // META: the value scales, then their zeros
   static_assert(VALUES % 128 == 0 && META % 128 == 0, "regions start on 128 bytes (the value loads' bank pattern)");
   __host__ __device__ static constexpr int meta_bytes(int vgroups) { return CH * vgroups * 2; }  // scales (or zeros)
@@ -646,10 +628,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
-  // the split's share of the row's 32-token chunks (it may start or end inside a 128-token key block), a quarter of it
-  // for each warp
-  const int64_t chunks = int64_t(p.nq / TILE) * CPT;
-  const int s_begin = int(chunks * blockIdx.x / p.splits), nc = int(chunks * (blockIdx.x + 1) / p.splits) - s_begin;
+  // the split's share of the row's chunks (it may start or end inside a 128-token key block), a quarter of it
+  // for each warp; sized on the host (the int64 divisions it took here cost ~1 us at every block's start,
+  // kernel_h200_slot_decay.json)
+  const int x = blockIdx.x, s_begin = x * p.split_chunks + min(x, p.split_extra), nc = p.split_chunks + (x < p.split_extra);
   const int c_begin = s_begin + nc * warp / WARPS, c_end = s_begin + nc * (warp + 1) / WARPS;
 
   const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;
@@ -1028,92 +1010,75 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   stamp_split(6);  // 6 partial written
 }
 
-// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head bh = b * Hq + h, each
-// lane D/32 channels. The partials are taken with an online max, COMBINE_BATCH at a time whose loads all go out together
-// (one round trip to L2 per batch). Up to COMBINE_BATCH splits a warp takes a head (WARPS heads per block); past that a
-// block takes a head, each warp every WARPS-th partial, and the warps' states merge in shared memory.
-constexpr int COMBINE_BATCH = 16;
-__host__ __device__ constexpr bool combine_warp_per_head(int splits) { return splits <= COMBINE_BATCH; }
-template <int PER>
-__device__ __forceinline__ void store_combined(const DecodeParams& p, int bh, const float (&o)[PER], float l) {
-  const float r = l > 0.f ? 1.f / l : 0.f;  // a row with every key masked gets zeros
-  const int Hq = p.Hkv * p.G;
-  const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + (threadIdx.x & 31) * PER;
-#pragma unroll
-  for (int i = 0; i < PER; i += 2) {
-    if (p.out_f32) *reinterpret_cast<float2*>(static_cast<float*>(p.out) + at + i) = make_float2(o[i] * r, o[i + 1] * r);
-    else *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + at + i) =
-        uint32_t(from_float(o[i] * r, p.is_bf16)) | uint32_t(from_float(o[i + 1] * r, p.is_bf16)) << 16;
-  }
-}
-template <int D>
-__global__ void __launch_bounds__(WARPS * 32) combine_kernel(const DecodeParams p) {
-  constexpr int PER = D / 32;
+// out[b, h, :] = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i over the partials of one query head bh = b * Hq + h.
+// Many short warps, not a few long ones: a lone warp runs its instructions one after another (with a warp per head,
+// each lane D/32 channels of every partial, the combine took 2-3 us of a batch-1 call). An item is 32 channels of one
+// head, a lane each; PER_ITEM warps share its partials, each every PER_ITEM-th one (a compile-time stride: the loads'
+// offsets are constants), BATCH at a time whose loads go out together, unpredicated (past the head's last partial they
+// read the next head's, or the buffers' padding, and weigh them 0), with an online max; the item's warps then merge in
+// shared memory. (ptxas still issues most of a batch's o loads after the m loads have come back: two round trips.)
+constexpr int COMBINE_WARPS = 8;
+template <int D, int PER_ITEM, int BATCH>
+__global__ void __launch_bounds__(COMBINE_WARPS * 32) combine_kernel(const DecodeParams p) {
 #if TT_USE_PDL
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // until the split kernel has ended, its partials visible (TT_PDL)
 #endif
   stamp_combine(0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits;
-  const bool per_warp = combine_warp_per_head(S);  // (the same for the whole launch)
-  const int bh = per_warp ? blockIdx.x * WARPS + warp : blockIdx.x, first = per_warp ? 0 : warp, step = per_warp ? 1 : WARPS;
-  if (bh >= p.B * p.Hkv * p.G) return;  // (a warp past the last head; only when per_warp, which has no barrier)
-  const float2* ml = reinterpret_cast<const float2*>(p.ml_part) + int64_t(bh) * S;
-  const float* o = p.o_part + int64_t(bh) * S * D + lane * PER;
-  float M = -INFINITY, L = 0.f, acc[PER];
+  const int item = blockIdx.x * (COMBINE_WARPS / PER_ITEM) + warp / PER_ITEM, first = warp % PER_ITEM;
+  const int bh = item / (D / 32), channel = item % (D / 32) * 32 + lane;
+  const bool live = bh < p.B * p.Hkv * p.G;  // (items past the last head only meet the barrier)
+  float M = -INFINITY, L = 0.f, acc = 0.f;
+  const float2* ml = reinterpret_cast<const float2*>(p.ml_part) + int64_t(bh) * S + first;  // this warp's first partial
+  const float* o = p.o_part + (int64_t(bh) * S + first) * D + channel;
+  constexpr int STEP = PER_ITEM * BATCH;
+  static_assert(STEP <= COMBINE_READS_PAST, "a batch's loads stay inside the partials' buffers");
+  for (int s0 = first; live && s0 < S; s0 += STEP, ml += STEP, o += STEP * D) {
+    float2 part_ml[BATCH];
+    float part_o[BATCH];
 #pragma unroll
-  for (int i = 0; i < PER; ++i) acc[i] = 0.f;
-  for (int s0 = first; s0 < S; s0 += step * COMBINE_BATCH) {
-    float2 part_ml[COMBINE_BATCH];
-    Floats<PER> part_o[COMBINE_BATCH];
-#pragma unroll
-    for (int k = 0; k < COMBINE_BATCH; ++k) {  // past the last split: the last again, weighted 0 below
-      const int s = min(s0 + k * step, S - 1);
-      part_ml[k] = __ldg(ml + s);
-      part_o[k] = load_floats<PER>(o + int64_t(s) * D);
+    for (int k = 0; k < BATCH; ++k) {
+      part_ml[k] = __ldg(ml + k * PER_ITEM);
+      part_o[k] = __ldg(o + k * PER_ITEM * D);
     }
     float M_new = M;
 #pragma unroll
-    for (int k = 0; k < COMBINE_BATCH; ++k) if (s0 + k * step < S) M_new = fmaxf(M_new, part_ml[k].x);
+    for (int k = 0; k < BATCH; ++k) if (s0 + k * PER_ITEM < S) M_new = fmaxf(M_new, part_ml[k].x);
     const float a = merge_weight(M, M_new);  // (0 while nothing is summed)
     L *= a;
+    acc *= a;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) acc[i] *= a;
-#pragma unroll
-    for (int k = 0; k < COMBINE_BATCH; ++k) {  // a split with no tokens (or every one masked) has m = -inf: weight 0
-      const bool used = s0 + k * step < S && part_ml[k].x != -INFINITY;
+    for (int k = 0; k < BATCH; ++k) {  // a split with no tokens (or every one masked) has m = -inf: weight 0
+      const bool used = s0 + k * PER_ITEM < S && part_ml[k].x != -INFINITY;
       const float w = used ? exp2f(part_ml[k].x - M_new) : 0.f;
       L = fmaf(w, used ? part_ml[k].y : 0.f, L);
-#pragma unroll
-      for (int i = 0; i < PER; ++i) acc[i] = fmaf(w, used ? part_o[k].f[i] : 0.f, acc[i]);
+      acc = fmaf(w, used ? part_o[k] : 0.f, acc);
     }
     M = M_new;
   }
-  if (per_warp) {
-    store_combined<PER>(p, bh, acc, L);
-    stamp_combine(1);
-    return;
+  if constexpr (PER_ITEM > 1) {
+    __shared__ float share_ml[COMBINE_WARPS][2], share_o[COMBINE_WARPS][32];
+    if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
+    share_o[warp][lane] = acc;
+    __syncthreads();
+    if (first != 0) return;
+    M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < PER_ITEM; ++w) M = fmaxf(M, share_ml[warp + w][0]);
+    L = acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < PER_ITEM; ++w) {
+      const float a = merge_weight(share_ml[warp + w][0], M);
+      L = fmaf(a, share_ml[warp + w][1], L);
+      acc = fmaf(a, share_o[warp + w][lane], acc);
+    }
   }
-  __shared__ float share_ml[WARPS][2], share_o[WARPS][D];
-  if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
-#pragma unroll
-  for (int i = 0; i < PER; ++i) share_o[warp][lane * PER + i] = acc[i];
-  __syncthreads();
-  if (warp) return;
-  M = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, share_ml[w][0]);
-  L = 0.f;
-  float out[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) out[i] = 0.f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) {
-    const float a = merge_weight(share_ml[w][0], M);
-    L = fmaf(a, share_ml[w][1], L);
-#pragma unroll
-    for (int i = 0; i < PER; ++i) out[i] = fmaf(a, share_o[w][lane * PER + i], out[i]);
-  }
-  store_combined<PER>(p, bh, out, L);
+  if (!live) return;
+  const float out = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
+  const int Hq = p.Hkv * p.G;
+  const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + channel;
+  if (p.out_f32) static_cast<float*>(p.out)[at] = out;
+  else static_cast<uint16_t*>(p.out)[at] = from_float(out, p.is_bf16);
   stamp_combine(1);
 }
 
@@ -1173,26 +1138,39 @@ KernelRef pick_kb(int kb, int vb, int vgroups) {
 
 // The combine kernel, launched programmatically where TT_PDL asks for it and the code that runs waits for the split
 // kernel on the device: compiled for compute capability 9+ (not JIT-compiled from the compute_80 PTX on a newer GPU).
-template <int D>
-cudaError_t launch_combine(const DecodeParams& p, int blocks, cudaStream_t stream) {
+template <int D, int PER_ITEM, int BATCH>
+cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
+  const auto kernel = combine_kernel<D, PER_ITEM, BATCH>;
+  const int items = p.B * p.Hkv * p.G * (D / 32), per_block = COMBINE_WARPS / PER_ITEM;
+  const dim3 blocks((items + per_block - 1) / per_block), threads(COMBINE_WARPS * 32);
   static signed char waits[64] = {};  // per device: 0 not asked yet, 1 the code waits (griddepcontrol.wait), -1 not
   int dev = 0;
   cudaGetDevice(&dev);
   if (TT_PDL && dev < 64 && waits[dev] == 0) {
     cudaFuncAttributes code{};
-    waits[dev] = cudaFuncGetAttributes(&code, combine_kernel<D>) == cudaSuccess && code.ptxVersion >= 90 ? 1 : -1;
+    waits[dev] = cudaFuncGetAttributes(&code, kernel) == cudaSuccess && code.ptxVersion >= 90 ? 1 : -1;
   }
   if (!TT_PDL || dev >= 64 || waits[dev] < 0) {
-    combine_kernel<D><<<blocks, WARPS * 32, 0, stream>>>(p);
+    kernel<<<blocks, threads, 0, stream>>>(p);
     return cudaGetLastError();
   }
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks); config.blockDim = dim3(WARPS * 32); config.dynamicSmemBytes = 0; config.stream = stream;
+  config.gridDim = blocks; config.blockDim = threads; config.dynamicSmemBytes = 0; config.stream = stream;
   cudaLaunchAttribute early;
   early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   early.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &early; config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, combine_kernel<D>, p);
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+template <int D>
+cudaError_t dispatch_combine(const DecodeParams& p, cudaStream_t stream) {  // one batch per warp where it can
+  const int S = p.splits;
+  if (S <= 4) return launch_combine<D, 1, 4>(p, stream);
+  if (S <= 8) return launch_combine<D, 1, 8>(p, stream);
+  if (S <= 16) return launch_combine<D, 1, 16>(p, stream);
+  if (S <= 32) return launch_combine<D, 2, 16>(p, stream);
+  if (S <= 64) return launch_combine<D, 4, 16>(p, stream);
+  return launch_combine<D, 8, 16>(p, stream);
 }
 
 #endif  // __CUDACC_RTC__
@@ -1253,9 +1231,8 @@ cudaError_t launch_decode_attention(const DecodeParams& p, cudaStream_t stream) 
   if (!built) return cudaErrorInvalidValue;
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || TT_ABLATE == 6) return e;
-  const int heads = p.B * p.Hkv * p.G, blocks = combine_warp_per_head(p.splits) ? (heads + WARPS - 1) / WARPS : heads;
-  if (p.D == 64) return launch_combine<64>(p, blocks, stream);
-  if (p.D == 128) return launch_combine<128>(p, blocks, stream);
-  return launch_combine<256>(p, blocks, stream);
+  if (p.D == 64) return dispatch_combine<64>(p, stream);
+  if (p.D == 128) return dispatch_combine<128>(p, stream);
+  return dispatch_combine<256>(p, stream);
 }
 #endif  // __CUDACC_RTC__

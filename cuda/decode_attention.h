@@ -10,6 +10,15 @@ typedef unsigned long long uint64_t;
 #include <cuda_runtime.h>
 #endif
 
+#ifndef TT_MT
+#define TT_MT 2  // 16-token mma tiles per chunk (4: 64-token chunks, measured 9-27% slower)
+#endif
+constexpr int CHUNK_TOKENS = 16 * TT_MT;  // a chunk: the unit of a split's share and of a warp's copies
+
+// The partials' buffers hold this many partials more than the launch writes: the combine kernel reads past a head's
+// last partial (and weighs what it reads there 0) so that its loads need no predicates.
+constexpr int COMBINE_READS_PAST = 128;
+
 struct DecodeParams {
   // query [B, Hq, D], model dtype (fp16 or bf16), element strides
   const void* q; int64_t q_sb, q_sh;
@@ -28,11 +37,13 @@ struct DecodeParams {
   const int64_t* window_length;
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
-  int splits;                              // split-K: blocks per (row, head group), each a share of the 32-token chunks
+  int splits;                              // split-K: blocks per (row, head group), each a share of the chunks
+  int split_chunks, split_extra;           // a split's chunks, and how many splits (the first ones) take one more
   int window_per_split;                    // window tokens per split
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
-  float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum)
+  float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum), then
+                                           // COMBINE_READS_PAST more (read, never written)
   void* out; int64_t out_sb, out_sh;       // [B, Hq, D], model dtype (float32 when out_f32)
   int out_f32;
 };
