@@ -132,10 +132,15 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
     if (even >= even_best - 1e-9) { splits = s; even_best = even; }
   }
   p.splits = splits;
+  p.window_per_split = std::max<int64_t>((nw + splits - 1) / splits, TT_WINDOW_SPLIT_TOKENS);
+  p.window_splits = nw > 0 ? std::min<int64_t>(splits, (nw + p.window_per_split - 1) / p.window_per_split) : 0;
   const int64_t chunks = nq / CHUNK_TOKENS;  // per row
   TORCH_CHECK(chunks < (int64_t(1) << 31), "the cache holds too many tokens for the kernel: ", nq);
-  p.split_chunks = int(chunks / splits); p.split_extra = int(chunks % splits);
-  p.window_per_split = (nw + splits - 1) / splits;
+  int64_t discount = p.window_splits < splits ? TT_WINDOW_DISCOUNT : 0;
+  if ((chunks + p.window_splits * discount) / splits < discount) discount = 0;  // (too few chunks to spare)
+  p.window_discount = int(discount);
+  const int64_t shared = chunks + p.window_splits * discount;  // the discounts, spread over every split, then taken back
+  p.split_chunks = int(shared / splits); p.split_extra = int(shared % splits);
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);

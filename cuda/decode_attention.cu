@@ -631,7 +631,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // the split's share of the row's chunks (it may start or end inside a 128-token key block), a quarter of it
   // for each warp; sized on the host (the int64 divisions it took here cost ~1 us at every block's start,
   // kernel_h200_slot_decay.json)
-  const int x = blockIdx.x, s_begin = x * p.split_chunks + min(x, p.split_extra), nc = p.split_chunks + (x < p.split_extra);
+  // (the first window_splits take window_discount fewer: the row's chunks and their discounts, split evenly)
+  const int x = blockIdx.x, discounts_before = min(x, p.window_splits) * p.window_discount;
+  const int s_begin = x * p.split_chunks + min(x, p.split_extra) - discounts_before;
+  const int nc = p.split_chunks + (x < p.split_extra) - (x < p.window_splits ? p.window_discount : 0);
   const int c_begin = s_begin + nc * warp / WARPS, c_end = s_begin + nc * (warp + 1) / WARPS;
 
   const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;

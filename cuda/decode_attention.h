@@ -15,6 +15,15 @@ typedef unsigned long long uint64_t;
 #endif
 constexpr int CHUNK_TOKENS = 16 * TT_MT;  // a chunk: the unit of a split's share and of a warp's copies
 
+// The window's tokens go to the first splits of a row, at least TT_WINDOW_SPLIT_TOKENS to each (0: an equal share
+// to every split), and those splits take TT_WINDOW_DISCOUNT chunks fewer than the others.
+#ifndef TT_WINDOW_SPLIT_TOKENS
+#define TT_WINDOW_SPLIT_TOKENS 0
+#endif
+#ifndef TT_WINDOW_DISCOUNT
+#define TT_WINDOW_DISCOUNT 0
+#endif
+
 // The partials' buffers hold this many partials more than the launch writes: the combine kernel reads past a head's
 // last partial (and weighs what it reads there 0) so that its loads need no predicates.
 constexpr int COMBINE_READS_PAST = 128;
@@ -39,7 +48,8 @@ struct DecodeParams {
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
   int splits;                              // split-K: blocks per (row, head group), each a share of the chunks
   int split_chunks, split_extra;           // a split's chunks, and how many splits (the first ones) take one more
-  int window_per_split;                    // window tokens per split
+  int window_per_split;                    // window tokens per split (the first splits take them)
+  int window_splits, window_discount;      // the splits with window tokens take window_discount chunks fewer
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
   int is_bf16;
   float* o_part; float* ml_part;           // one partial per split: [B, Hq, splits, D], [B, Hq, splits, 2] (max, sum), then
