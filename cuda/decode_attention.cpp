@@ -113,7 +113,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   // spread the most evenly; where no grid fills 90% of them (short contexts, or more rows than slots), the fewest
   // splits that fill 90% of whole waves (or the best fill). A split takes a share of the chunks (a block's
   // work differs by at most one chunk), at least 8 of them (2 key blocks) where it can, so every warp has a few to
-  // pipeline, and a share of the window, so no block is left with the window alone.
+  // pipeline; the first splits take the window too, and fewer chunks (TT_WINDOW_SPLIT_TOKENS, decode_attention.h).
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
   const int64_t resident = int64_t(sms) * occ;
   const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64});
@@ -136,8 +136,8 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.window_splits = nw > 0 ? std::min<int64_t>(splits, (nw + p.window_per_split - 1) / p.window_per_split) : 0;
   const int64_t chunks = nq / CHUNK_TOKENS;  // per row
   TORCH_CHECK(chunks < (int64_t(1) << 31), "the cache holds too many tokens for the kernel: ", nq);
-  int64_t discount = p.window_splits < splits ? TT_WINDOW_DISCOUNT : 0;
-  if ((chunks + p.window_splits * discount) / splits < discount) discount = 0;  // (too few chunks to spare)
+  // (at most what leaves the window splits no chunks: chunks >= (splits - window_splits) * discount)
+  const int64_t discount = p.window_splits < splits ? std::min<int64_t>(TT_WINDOW_DISCOUNT, chunks / (splits - p.window_splits)) : 0;
   p.window_discount = int(discount);
   const int64_t shared = chunks + p.window_splits * discount;  // the discounts, spread over every split, then taken back
   p.split_chunks = int(shared / splits); p.split_extra = int(shared % splits);
