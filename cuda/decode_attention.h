@@ -19,7 +19,8 @@ constexpr int CHUNK_TOKENS = 16 * TT_MT;  // a chunk: the unit of a split's shar
 // warp; 0: an equal share to every split), and those splits take TT_WINDOW_DISCOUNT chunks fewer than the others (at
 // most all of theirs): the other splits start their loops at once instead of after a mostly empty tile each. On an
 // H200 (kernel_h200_window_discount.json) 64 and 8 were 1.01-1.06x faster than equal shares at batch 1 and at batch 8
-// and 16k, even at batch 8 and 32 from 64k; discounts of 12-24 no better, and no discount slower.
+// and 16k, 0.96-1.01x at batch 8 and 32 from 64k (where the variants timed one after another drifted 1-2% slower each);
+// discounts of 12-24 no better, and no discount slower.
 #ifndef TT_WINDOW_SPLIT_TOKENS
 #define TT_WINDOW_SPLIT_TOKENS 64
 #endif

@@ -13,9 +13,10 @@ for cell in nb.cells:
     if cell.cell_type == "markdown": parts.append(cell.source)
     elif cell.cell_type == "code" and not cell.source.lstrip().startswith("#| hide"):
         parts.append(f"```python\n{cell.source}\n```")
-        text = "".join("".join(o.get("text", "")) if o.get("output_type") == "stream"
+        # stdout and results only: stderr holds progress bars and notes that depend on the machine's caches (a
+        # first load converts the embedded model and says so)
+        text = "".join("".join(o.get("text", "")) if o.get("output_type") == "stream" and o.get("name") == "stdout"
                        else "".join(o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", []))
-        text = "\n".join(l for l in text.splitlines() if "it/s]" not in l and "Loading weights" not in l)
         if text.strip(): parts.append(f"```\n{text.strip()}\n```")
 (root / "README.md").write_text("\n\n".join(parts) + "\n")
 print("wrote README.md")
