@@ -60,6 +60,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   TORCH_CHECK(value_codes.size(0) == B && value_codes.size(1) == Hkv && value_codes.size(2) == nq &&
               value_codes.size(3) == D * value_bits / 8, "value_codes shape mismatch");
   TORCH_CHECK(nq + nw > 0, "the cache holds no tokens");
+  TORCH_CHECK(nq + nw < (int64_t(1) << 31), "the kernel takes fewer than 2^31 tokens per row, got ", nq + nw);
   int vgroups = 1;
   if (nq > 0) {
     for (auto* t : {&key_scale, &key_zero, &value_scale, &value_zero}) {
@@ -135,7 +136,6 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.window_per_split = std::max<int64_t>((nw + splits - 1) / splits, TT_WINDOW_SPLIT_TOKENS);
   p.window_splits = nw > 0 ? std::min<int64_t>(splits, (nw + p.window_per_split - 1) / p.window_per_split) : 0;
   const int64_t chunks = nq / CHUNK_TOKENS;  // per row
-  TORCH_CHECK(chunks < (int64_t(1) << 31), "the cache holds too many tokens for the kernel: ", nq);
   // (at most what leaves the window splits no chunks: chunks >= (splits - window_splits) * discount)
   const int64_t discount = p.window_splits < splits ? std::min<int64_t>(TT_WINDOW_DISCOUNT, chunks / (splits - p.window_splits)) : 0;
   p.window_discount = int(discount);

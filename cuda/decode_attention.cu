@@ -1,8 +1,8 @@
 // Fused dequantize + attention for one decode step over the KIVI layout (see nbs/08_cuda.ipynb for the derivation).
 //
 // One launch of `quantized_kernel`, grid (split, kv head * head group, batch row), then `combine_kernel`. A block has 4
-// warps. Split s takes a range of whole 32-token chunks and a share of the full-precision window. Each warp first
-// attends its quarter of that share (copied into the stages its first chunk leaves free, attended on tensor cores 16
+// warps. Split s takes a range of whole 32-token chunks, and the first splits of a row the full-precision window. Each
+// warp first attends its quarter of the split's window tokens (copied into the stages its first chunk leaves free, attended on tensor cores 16
 // tokens a tile), then walks its quarter of
 // the block's 32-token chunks, going on with the same online-softmax state (the main loop has no block barrier),
 // copying them into its own shared-memory stages TT_STAGES - 1 chunks ahead of the one it computes (codes, the value
@@ -628,10 +628,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
-  // the split's share of the row's chunks (it may start or end inside a 128-token key block), a quarter of it
-  // for each warp; sized on the host (the int64 divisions it took here cost ~1 us at every block's start,
-  // kernel_h200_slot_decay.json)
-  // (the first window_splits take window_discount fewer: the row's chunks and their discounts, split evenly)
+  // the split's share of the row's chunks (it may start or end inside a 128-token key block), a quarter of it for each
+  // warp: the row's chunks plus the window splits' discounts, split evenly, then the discount taken back from each of
+  // the first window_splits. Sized on the host: two int64 divisions here cost ~1 us at every block's start
+  // (kernel_h200_slot_decay.json).
   const int x = blockIdx.x, discounts_before = min(x, p.window_splits) * p.window_discount;
   const int s_begin = x * p.split_chunks + min(x, p.split_extra) - discounts_before;
   const int nc = p.split_chunks + (x < p.split_extra) - (x < p.window_splits ? p.window_discount : 0);
