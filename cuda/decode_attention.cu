@@ -36,7 +36,7 @@ namespace {
 #ifndef TT_FOLD
 #define TT_FOLD 1      // 1: fold the per-token value scale into the probabilities (one value group, 4- or 2-bit values):
 #endif                 //    the value codes go to the mma as they are (no scale), the zeros add up in fp32 on
-                       //    the side (with TT_KEY_INPLACE: up to 12% faster at 4 bits, same error; 3-bit values do not fold)
+                       //    the side (with TT_KEY_INPLACE: up to 12% faster at 4 bits, same error)
 #ifndef TT_SUBNORMAL
 #define TT_SUBNORMAL 1  // 1: the codes go to the mma as fp16 subnormals (code * 2^-24, exact: the mask alone makes them),
 #endif                  //    not as 1024 + code less 1024 (one HADD2 per code pair fewer); 0: the 1024 + code road
@@ -45,7 +45,7 @@ namespace {
 #endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only,
                      // 5 no window (nothing copied or attended), 6 no combine kernel, 7 window copied, not attended
 #ifndef TT_KEY_INPLACE
-#define TT_KEY_INPLACE 1  // 1: 4- and 2-bit key codes are masked where they lie (one shift serves two or three pairs)
+#define TT_KEY_INPLACE 1  // 1: key codes are masked where they lie (one shift serves two to four pairs)
 #endif                    //    and the query absorbs their place value
 #ifndef TT_MIN_BLOCKS
 #define TT_MIN_BLOCKS 3  // resident blocks per SM the compiler must allow (caps registers per thread; 4 spills)
@@ -169,7 +169,7 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
 
 template <bool B> struct Bool { static constexpr bool value = B; };  // a compile-time flag as an argument
 
-// NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words; one extra zero word so 3-bit codes can straddle words.
+// NB bytes from p (aligned to gcd(NB, 16)) into 32-bit words, and one zero word more (gather_bytes may read it).
 template <int NB> struct Words { uint32_t w[(NB + 3) / 4 + 1]; };
 
 // One load of a T from global memory through the read-only cache (GLOBAL) or from shared memory (a plain load, LDS).
@@ -274,82 +274,98 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
 // tile_row(2i + 1) - tile_row(2i) is +1 for even i, -1 for odd i (the value scales' pairs rely on both).
 __host__ __device__ constexpr int tile_row(int r) { return (r & 8) | ((r & 7) ^ ((r & 7) >> 1)); }
 
-// code of channel c (bits [c*BITS, (c+1)*BITS) of the little-endian word stream); c is a compile-time constant
-// after unrolling, so this folds to a shift and a mask (a funnel shift where a 3-bit code straddles two words).
-template <int BITS>
-__device__ __forceinline__ uint32_t code_at(const uint32_t* w, int c) {
-  const int bit = c * BITS, word = bit >> 5, off = bit & 31;
-  if (off + BITS <= 32) return (w[word] >> off) & ((1u << BITS) - 1);
-  return __funnelshift_r(w[word], w[word + 1], off) & ((1u << BITS) - 1);
+// 3-bit codes (affine.py's layout): in each unit of 8 codes (3 bytes) code j's two low bits (its crumb) sit at bit 2j of
+// the first two bytes and its top bit at bit 2 (j % 4) + j / 4 of the third. With the third byte shifted left by 2
+// (codes 0-3) or 1 (codes 4-7) every top bit lies right above its crumb, so two masks take a code where it lies
+// (two LOP3 per pair of codes, where the plain bit stream of before took a funnel shift and a mask per code).
+// Bytes k0..k3 (compile-time indices into the words, within two consecutive ones) as one word, k0 the lowest.
+__device__ __forceinline__ uint32_t gather_bytes(const uint32_t* w, int k0, int k1, int k2, int k3) {
+  const int base = min(min(k0, k1), min(k2, k3)) / 4;  // (Words holds a zero word past its bytes: w[base + 1] exists)
+  const int o = 4 * base;
+  return __byte_perm(w[base], w[base + 1], (k0 - o) | (k1 - o) << 4 | (k2 - o) << 8 | (k3 - o) << 12);
+}
+// code j of two 3-bit units, one per 16-bit half, at bit 2 (j % 4) of each: `crumbs` holds the code's crumb there,
+// `tops` the units' third bytes at the bottom of each half (whatever else lies in either is masked off)
+__device__ __forceinline__ uint32_t code3_pair(uint32_t crumbs, uint32_t tops, int j) {
+  const int pos = 2 * (j % 4);
+  return (crumbs & (0x00030003u << pos)) | ((tops << (j < 4 ? 2 : 1)) & (0x00040004u << pos));
 }
 
 // Keys: pair i of a lane's slice -> two channels (c0, c1) packed as the halves 1024 + code.
-// 4 bits: channels (8m+s, 8m+s+4) sit 16 bits apart in word m, so one shift and one mask extract both.
+// 4 bits: channels (8m+s, 8m+s+4) sit 16 bits apart in word m, so one shift and one mask extract both; 2 and 3 bits:
+// channels (16m+s, 16m+s+8), in word m (2 bits) or in the two 3-bit units of bytes 6m .. 6m+5.
 template <int BITS>
 __device__ __forceinline__ void key_pair_channels(int i, int& c0, int& c1) {
   if (BITS == 4) { c0 = 8 * (i >> 2) + (i & 3); c1 = c0 + 4; }
-  else if (BITS == 2) { c0 = 16 * (i >> 3) + (i & 7); c1 = c0 + 8; }
-  else { c0 = 2 * i; c1 = 2 * i + 1; }
+  else { c0 = 16 * (i >> 3) + (i & 7); c1 = c0 + 8; }
 }
 // TT_KEY_INPLACE: pair i's codes start at bit key_raw of each 16-bit half of their word. Instead of shifting them down
 // for every pair, the word is shifted by key_shift (shared by two or three pairs) and the codes are masked where they
 // then lie, at key_pos < 10, inside the fp16 mantissa: the half is 1024 + 2^key_pos * code, exact. The query entries of
 // that pair carry KEY_GAIN / 2^key_pos, so every product carries the same KEY_GAIN, taken out of the scores once.
+// (3 bits: key_raw is where the pair's crumbs start; the crumbs of codes 4-7 are shifted down a byte, as at 4 bits.)
 constexpr int KEY_GAIN = TT_KEY_INPLACE ? 16 : 1;
-template <int BITS> __host__ __device__ constexpr bool key_inplace() { return TT_KEY_INPLACE && (BITS == 4 || BITS == 2); }
-template <int BITS> __host__ __device__ constexpr int key_raw(int i) { return BITS * (i % (16 / BITS)); }
+template <int BITS> __host__ __device__ constexpr bool key_inplace() { return TT_KEY_INPLACE != 0; }
+template <int BITS> __host__ __device__ constexpr int key_raw(int i) { return BITS == 3 ? 2 * (i % 8) : BITS * (i % (16 / BITS)); }
 template <int BITS> __host__ __device__ constexpr int key_shift(int i) {
-  return !key_inplace<BITS>() ? 0 : BITS == 4 ? (key_raw<4>(i) & 8) : 6 * (key_raw<2>(i) / 6);
+  return !key_inplace<BITS>() ? 0 : BITS == 2 ? 6 * (key_raw<2>(i) / 6) : (key_raw<BITS>(i) & 8);
 }
 template <int BITS> __host__ __device__ constexpr int key_pos(int i) { return key_inplace<BITS>() ? key_raw<BITS>(i) - key_shift<BITS>(i) : 0; }
 
 template <int BITS>
 __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
-  if constexpr (key_inplace<BITS>()) {
+  if constexpr (BITS == 3) {
+    const int k = 6 * (i / 8), j = i % 8;
+    const uint32_t crumbs = gather_bytes(w, k, k + 1, k + 3, k + 4) >> key_raw<3>(i) / 8 * 8;  // (a unit's first two bytes per half)
+    const uint32_t x = code3_pair(crumbs, gather_bytes(w, k + 2, k + 2, k + 5, k + 5), j);
+    return (key_inplace<3>() ? x : x >> 2 * (j % 4)) | CODE_BIAS;
+  } else if constexpr (key_inplace<BITS>()) {
     const uint32_t mask = (((1u << BITS) - 1) * 0x00010001u) << key_pos<BITS>(i);
     return mask_magic(w[i / (16 / BITS)] >> key_shift<BITS>(i), mask, CODE_BIAS);
   }
   if (BITS == 4) return mask_magic(w[i >> 2] >> (4 * (i & 3)), 0x000F000Fu, CODE_BIAS);
-  if (BITS == 2) return mask_magic(w[i >> 3] >> (2 * (i & 7)), 0x00030003u, CODE_BIAS);
-  return code_at<BITS>(w, 2 * i) | (code_at<BITS>(w, 2 * i + 1) << 16) | CODE_BIAS;
+  return mask_magic(w[i >> 3] >> (2 * (i & 7)), 0x00030003u, CODE_BIAS);
 }
 
-// Values: channels (2mv, 2mv+1) of two tokens a, b -> lo = (a[2mv], b[2mv]), hi = (a[2mv+1], b[2mv+1]) as bias + code
-// (1024 + code, as dequant2 takes them, unless told otherwise).
+// Values: channels (2mv, 2mv+1) of two tokens a, b -> lo = (a[2mv], b[2mv]), hi = (a[2mv+1], b[2mv+1]), each code at
+// bit value_pos of its half (the folded path, TT_FOLD: a half is then 2^value_pos * code, as a subnormal or plus 1024,
+// CODE_BIAS, and the output rows are divided by 2^value_pos at the end).
+template <int BITS>
+__host__ __device__ constexpr int value_pos(int mv, bool hi) {
+  return BITS == 4 ? (hi ? 4 : 0) : BITS == 2 ? (mv & 1) * 4 + (hi ? 2 : 0) : 2 * ((2 * mv + hi) % 4);
+}
+__device__ __forceinline__ uint32_t token_pair_bytes(const uint32_t* wa, const uint32_t* wb, int byte) {
+  const int word = byte >> 2, k = byte & 3;
+  return __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));  // a.byte -> byte 0, b.byte -> byte 2
+}
+template <int BITS>
+__device__ __forceinline__ void value_pairs_inplace(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi,
+                                                    uint32_t bias = CODE_BIAS) {
+  if constexpr (BITS == 4 || BITS == 2) {  // both channels in one byte
+    const uint32_t x = token_pair_bytes(wa, wb, 2 * mv * BITS / 8);
+    constexpr uint32_t field = ((1u << BITS) - 1) * 0x00010001u;
+    lo = mask_magic(x, field << value_pos<BITS>(mv, false), bias);
+    hi = mask_magic(x, field << value_pos<BITS>(mv, true), bias);
+  } else {  // channels 2mv and 2mv + 1: codes j and j + 1 of unit mv / 4
+    const int unit = 3 * (mv / 4), j = (2 * mv) % 8;
+    const uint32_t crumbs = token_pair_bytes(wa, wb, unit + j / 4), tops = token_pair_bytes(wa, wb, unit + 2);
+    lo = code3_pair(crumbs, tops, j) | bias;
+    hi = code3_pair(crumbs, tops, j + 1) | bias;
+  }
+}
+// The same with each code at the bottom of its half, plus `bias` (1024 + code, as dequant2 takes them, by default).
 template <int BITS>
 __device__ __forceinline__ void value_pairs(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi,
                                             uint32_t bias = MAGIC) {
-  if (BITS == 4) {  // both channels in byte mv
-    const int word = mv >> 2, k = mv & 3;
-    const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));  // a.byte k -> byte 0, b.byte k -> byte 2
-    lo = mask_magic(x, 0x000F000Fu, bias); hi = mask_magic(x >> 4, 0x000F000Fu, bias);
-  } else if (BITS == 2) {  // both channels in one nibble of byte mv/2
-    const int word = mv >> 3, k = (mv >> 1) & 3, s = (mv & 1) * 4;
-    const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
-    lo = mask_magic(x >> s, 0x00030003u, bias); hi = mask_magic(x >> (s + 2), 0x00030003u, bias);
-  } else {
-    lo = code_at<BITS>(wa, 2 * mv) | (code_at<BITS>(wb, 2 * mv) << 16) | bias;
-    hi = code_at<BITS>(wa, 2 * mv + 1) | (code_at<BITS>(wb, 2 * mv + 1) << 16) | bias;
-  }
-}
-// The same, for the folded path (TT_FOLD): the codes are masked where they lie, so a half is 2^value_pos * code (value_pos
-// of the lo or hi channel of tile mv), as a subnormal or plus 1024 (CODE_BIAS); the output rows are divided by
-// 2^value_pos at the end.
-template <int BITS>
-__host__ __device__ constexpr int value_pos(int mv, bool hi) {
-  return BITS == 4 ? (hi ? 4 : 0) : BITS == 2 ? (mv & 1) * 4 + (hi ? 2 : 0) : 0;
-}
-template <int BITS>
-__device__ __forceinline__ void value_pairs_inplace(const uint32_t* wa, const uint32_t* wb, int mv, uint32_t& lo, uint32_t& hi) {
   if constexpr (BITS == 4 || BITS == 2) {
-    constexpr int PER_BYTE = 8 / BITS;  // channels per byte
-    const int byte = (2 * mv) / PER_BYTE, word = byte >> 2, k = byte & 3;
-    const uint32_t x = __byte_perm(wa[word], wb[word], k | ((4 + k) << 8));
+    const uint32_t x = token_pair_bytes(wa, wb, 2 * mv * BITS / 8);
     constexpr uint32_t field = ((1u << BITS) - 1) * 0x00010001u;
-    lo = mask_magic(x, field << value_pos<BITS>(mv, false), CODE_BIAS);
-    hi = mask_magic(x, field << value_pos<BITS>(mv, true), CODE_BIAS);
+    lo = mask_magic(x >> value_pos<BITS>(mv, false), field, bias);
+    hi = mask_magic(x >> value_pos<BITS>(mv, true), field, bias);
   } else {
-    value_pairs<BITS>(wa, wb, mv, lo, hi, CODE_BIAS);
+    value_pairs_inplace<BITS>(wa, wb, mv, lo, hi, 0u);
+    lo = (lo >> value_pos<BITS>(mv, false)) | bias;
+    hi = (hi >> value_pos<BITS>(mv, true)) | bias;
   }
 }
 __device__ __forceinline__ uint32_t minus1024(uint32_t magic_code) {  // (1024 + x) - 1024 = x, exact
@@ -645,7 +661,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   const uint16_t* vz = static_cast<const uint16_t*>(p.vz) + b * p.vm_sb + hkv * p.vm_sh;
   const uint8_t* mask = MASKED ? p.mask + b * p.mask_sb : nullptr;
   const int vgroups = p.vgroups, vgroup = (gid * SEGV) / (D / vgroups);  // the host checks a lane's slice is in one group
-  const bool fold = TT_FOLD && VB != 3 && vgroups == 1;  // value scale folded into the probabilities
+  const bool fold = TT_FOLD && vgroups == 1;  // value scale folded into the probabilities
 
   // Each warp streams its chunks through TT_STAGES shared-memory stages of its own, TT_STAGES - 1 chunks ahead of the
   // one being computed: one lane asks the copy engine for a chunk's regions (key codes, value codes, value scales and
@@ -795,7 +811,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           int c0, c1;
           key_pair_channels<KB>(i, c0, c1);
           c0 -= 16 * j; c1 -= 16 * j;
-          const float gain = float(KEY_GAIN >> key_pos<KB>(i)) * p.scale_log2;  // (a power of two times it)
+          const float gain = float(KEY_GAIN) / float(1 << key_pos<KB>(i)) * p.scale_log2;  // (a power of two times it)
           const float v0 = qf[c0] * sf[c0] * gain, v1 = qf[c1] * sf[c1] * gain;
           pack16_split<false>(v0, v1, qh[i], ql[i]);
         }

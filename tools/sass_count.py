@@ -62,9 +62,9 @@ def kernel_source(one_value_group=True):
     src = (ROOT / "cuda" / "decode_attention.cu").read_text()
     src = src.replace('#include "decode_attention.h"', (ROOT / "cuda" / "decode_attention.h").read_text())
     if one_value_group:
-        choice = "TT_FOLD && VB != 3 && vgroups == 1"
+        choice = "TT_FOLD && vgroups == 1"
         if choice not in src: raise RuntimeError(f"cuda/decode_attention.cu no longer holds `{choice}`: update sass_count.py")
-        src = src.replace(choice, "TT_FOLD && VB != 3")
+        src = src.replace(choice, "TT_FOLD")
     return src
 
 
