@@ -207,6 +207,7 @@ def main():
     ap.add_argument("--batches", default=None, help="only these batch sizes, e.g. 1,8")
     ap.add_argument("--contexts", default=None, help="only these contexts, e.g. 16384,65536")
     ap.add_argument("--bits", default=None, help="only these key/value bits, e.g. 4/4,4/2")
+    ap.add_argument("--kernel-only", action="store_true", help="no dequantize + SDPA or quanto rows (SDPA fp16 still)")
     ap.add_argument("--define", action="append", default=[], help="kernel variant macro, e.g. TT_STAGES=4")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
                     help="also time this build on the same data, e.g. old=TT_KEY_INPLACE=0,TT_FOLD=0 or mt4=TT_MT=4,TT_STAGES=2")
@@ -220,7 +221,7 @@ def main():
                and keep(args.bits, f"{c[3][0]}/{c[3][1]}")]
     rows = []
     for shape, B, ctx, bits in configs:
-        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536 and not args.quick,
+        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536 and not (args.quick or args.kernel_only),
                       defines=args.define, variants=variants)
         rows.append(r)
         print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
