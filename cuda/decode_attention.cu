@@ -1035,8 +1035,18 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 // head, a lane each; PER_ITEM warps share its partials, each every PER_ITEM-th one (a compile-time stride: the loads'
 // offsets are constants), BATCH at a time whose loads go out together, unpredicated (past the head's last partial they
 // read the next head's, or the buffers' padding, and weigh them 0), with an online max; the item's warps then merge in
-// shared memory. (ptxas still issues most of a batch's o loads after the m loads have come back: two round trips.)
+// shared memory. A batch is one round trip: its loads are volatile, which ptxas keeps in program order (load_volatile).
 constexpr int COMBINE_WARPS = 8;
+__device__ __forceinline__ float load_volatile(const float* p) {
+  float x;
+  asm volatile("ld.volatile.global.f32 %0, [%1];\n" : "=f"(x) : "l"(p));
+  return x;
+}
+__device__ __forceinline__ float2 load_volatile(const float2* p) {
+  float2 x;
+  asm volatile("ld.volatile.global.v2.f32 {%0, %1}, [%2];\n" : "=f"(x.x), "=f"(x.y) : "l"(p));
+  return x;
+}
 template <int D, int PER_ITEM, int BATCH>
 __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine_kernel(const DecodeParams p) {
 #if TT_USE_PDL
@@ -1055,11 +1065,12 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine_kernel(const Decod
   for (int s0 = first; live && s0 < S; s0 += STEP, ml += STEP, o += STEP * D) {
     float2 part_ml[BATCH];
     float part_o[BATCH];
+    // the outputs' loads first, then the maxima's, in program order: all of them go out before the maxima are used (as
+    // plain loads ptxas spread the outputs' among the exps, two round trips; 1.00-1.03x, kernel_h200_ab_combine_volatile.json)
 #pragma unroll
-    for (int k = 0; k < BATCH; ++k) {
-      part_ml[k] = __ldg(ml + k * PER_ITEM);
-      part_o[k] = __ldg(o + k * PER_ITEM * D);
-    }
+    for (int k = 0; k < BATCH; ++k) part_o[k] = load_volatile(o + k * PER_ITEM * D);
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) part_ml[k] = load_volatile(ml + k * PER_ITEM);
     float M_new = M;
 #pragma unroll
     for (int k = 0; k < BATCH; ++k) if (s0 + k * PER_ITEM < S) M_new = fmaxf(M_new, part_ml[k].x);
