@@ -89,6 +89,29 @@ def test_kernel_variants(defines):
         check(*case, defines=defines)
 
 
+def test_streams_side_by_side_and_back_to_back():
+    "Calls of different sizes one after another on one stream, and calls on two streams at once, each match the reference."
+    cases = [(1, 8, 4, 128, 20000), (8, 4, 7, 128, 3000), (3, 2, 12, 64, 700), (1, 8, 4, 128, 20000)]
+    inputs = []
+    for i, (B, Hkv, G, D, tokens) in enumerate(cases):
+        gen = torch.Generator(device="cuda").manual_seed(100 + i)
+        h = make_history(B, Hkv, D, tokens, 4, 4, None, torch.float16, gen=gen)
+        q = torch.randn(B, Hkv * G, 1, D, device="cuda", generator=gen).half()
+        inputs.append((q, h, reference_decode_attention(q, h)))
+    for _ in range(3):  # back to back on the current stream (state a call leaves on the device must not leak into the next)
+        for q, h, want in inputs:
+            assert relative_error(fused_decode_attention(q, h, out_dtype=torch.float32), want) < TOLERANCE
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = [[], []]
+    torch.cuda.synchronize()
+    for _ in range(5):
+        for s, (q, h, _), out in zip(streams, inputs[:2], outs):
+            with torch.cuda.stream(s): out.append(fused_decode_attention(q, h, out_dtype=torch.float32))
+    torch.cuda.synchronize()
+    for (_, _, want), out in zip(inputs[:2], outs):
+        for o in out: assert relative_error(o, want) < TOLERANCE
+
+
 def test_unsupported_inputs_say_why():
     h = make_history(1, 1, 96, 300, 4, 4, None, torch.float16)
     q = torch.randn(1, 2, 1, 96, device="cuda", dtype=torch.float16)
