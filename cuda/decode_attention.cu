@@ -34,7 +34,7 @@ namespace {
 #define TT_STAGES 3    // shared-memory stages per warp: TT_STAGES - 1 chunks in flight while one is computed
 #endif
 #ifndef TT_FOLD
-#define TT_FOLD 1      // 1: fold the per-token value scale into the probabilities (one value group, 4- or 2-bit values):
+#define TT_FOLD 1      // 1: fold the per-token value scale into the probabilities (calls with one value group):
 #endif                 //    the value codes go to the mma as they are (no scale), the zeros add up in fp32 on
                        //    the side (with TT_KEY_INPLACE: up to 12% faster at 4 bits, same error)
 #ifndef TT_SUBNORMAL
@@ -300,7 +300,7 @@ __device__ __forceinline__ void key_pair_channels(int i, int& c0, int& c1) {
   else { c0 = 16 * (i >> 3) + (i & 7); c1 = c0 + 8; }
 }
 // TT_KEY_INPLACE: pair i's codes start at bit key_raw of each 16-bit half of their word. Instead of shifting them down
-// for every pair, the word is shifted by key_shift (shared by two or three pairs) and the codes are masked where they
+// for every pair, the word is shifted by key_shift (shared by two to four pairs) and the codes are masked where they
 // then lie, at key_pos < 10, inside the fp16 mantissa: the half is 1024 + 2^key_pos * code, exact. The query entries of
 // that pair carry KEY_GAIN / 2^key_pos, so every product carries the same KEY_GAIN, taken out of the scores once.
 // (3 bits: key_raw is where the pair's crumbs start; the crumbs of codes 4-7 are shifted down a byte, as at 4 bits.)
