@@ -305,12 +305,12 @@ __device__ __forceinline__ void key_pair_channels(int i, int& c0, int& c1) {
 // that pair carry KEY_GAIN / 2^key_pos, so every product carries the same KEY_GAIN, taken out of the scores once.
 // (3 bits: key_raw is where the pair's crumbs start; the crumbs of codes 4-7 are shifted down a byte, as at 4 bits.)
 constexpr int KEY_GAIN = TT_KEY_INPLACE ? 16 : 1;
-template <int BITS> __host__ __device__ constexpr bool key_inplace() { return TT_KEY_INPLACE != 0; }
+constexpr bool KEY_INPLACE = TT_KEY_INPLACE != 0;
 template <int BITS> __host__ __device__ constexpr int key_raw(int i) { return BITS == 3 ? 2 * (i % 8) : BITS * (i % (16 / BITS)); }
 template <int BITS> __host__ __device__ constexpr int key_shift(int i) {
-  return !key_inplace<BITS>() ? 0 : BITS == 2 ? 6 * (key_raw<2>(i) / 6) : (key_raw<BITS>(i) & 8);
+  return !KEY_INPLACE ? 0 : BITS == 2 ? 6 * (key_raw<2>(i) / 6) : (key_raw<BITS>(i) & 8);
 }
-template <int BITS> __host__ __device__ constexpr int key_pos(int i) { return key_inplace<BITS>() ? key_raw<BITS>(i) - key_shift<BITS>(i) : 0; }
+template <int BITS> __host__ __device__ constexpr int key_pos(int i) { return KEY_INPLACE ? key_raw<BITS>(i) - key_shift<BITS>(i) : 0; }
 
 template <int BITS>
 __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
@@ -318,8 +318,8 @@ __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
     const int k = 6 * (i / 8), j = i % 8;
     const uint32_t crumbs = gather_bytes(w, k, k + 1, k + 3, k + 4) >> key_raw<3>(i) / 8 * 8;  // (a unit's first two bytes per half)
     const uint32_t x = code3_pair(crumbs, gather_bytes(w, k + 2, k + 2, k + 5, k + 5), j);
-    return (key_inplace<3>() ? x : x >> 2 * (j % 4)) | CODE_BIAS;
-  } else if constexpr (key_inplace<BITS>()) {
+    return (KEY_INPLACE ? x : x >> 2 * (j % 4)) | CODE_BIAS;
+  } else if constexpr (KEY_INPLACE) {
     const uint32_t mask = (((1u << BITS) - 1) * 0x00010001u) << key_pos<BITS>(i);
     return mask_magic(w[i / (16 / BITS)] >> key_shift<BITS>(i), mask, CODE_BIAS);
   }
