@@ -4,6 +4,8 @@
     python benchmarks/ab_kernel.py --baseline-dir /tmp/other_cuda     # a folder with another decode_attention.{cpp,cu,h}
     python benchmarks/ab_kernel.py --baseline d1fd665 --bits 4/2      # caches of other bits (4/4 unless told)
     python benchmarks/ab_kernel.py --baseline d1fd665 --note "what changed"  # kept in the JSON, printed by 08_cuda
+    python benchmarks/ab_kernel.py --baseline d1fd665 --configs qwen2.5-7b:1:16384,llama3-8b:1:65536  # other shapes
+    python benchmarks/ab_kernel.py --baseline d1fd665 --variant even=TT_SLOT_W0=1,TT_SLOT_W1=1,TT_SLOT_W2=1  # and a build
 
 Two runs on a lent GPU differ by a few percent (the machine, its clocks, the copy bandwidth), as much as a kernel change
 may gain: a change is judged by timing both kernels here, interleaved, on the same caches. Both are built for head_dim
@@ -26,6 +28,14 @@ SOURCES = ("decode_attention.cpp", "decode_attention.cu", "decode_attention.h")
 CONFIGS = [("llama3-8b", 1, 16384), ("llama3-8b", 1, 131072), ("llama3-8b", 8, 16384), ("llama3-8b", 8, 65536),
            ("llama3-8b", 32, 16384), ("qwen2.5-7b", 1, 131072), ("qwen2.5-7b", 8, 16384), ("qwen2.5-7b", 8, 65536),
            ("qwen2.5-7b", 32, 16384)]
+
+
+def parse_config(text):
+    "`shape:batch:context` -> (shape, batch, context), the shape one of SHAPES."
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in SHAPES or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise ValueError(f"a config is shape:batch:context with shape one of {', '.join(SHAPES)}, not {text!r}")
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 def export_revision(rev, folder):
@@ -70,8 +80,11 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
     return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times,
                 best_us=best,
                 baseline_over_this=best["baseline"] / best["this"],
+                baseline_over={name: best["baseline"] / t for name, t in best.items() if name != "baseline"},
                 fraction_of_copy={name: first.nbytes() / t / 1e3 / copy_bw for name, t in best.items()},
-                max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item())
+                max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item(),
+                max_rel_differences={name: ((o - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
+                                     for name, o in outs.items() if name != "baseline"})
 
 
 def main():
@@ -84,22 +97,32 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bits", default="4/4", help="key/value bits of the caches, e.g. 4/2")
     ap.add_argument("--note", help="what the two kernels are, kept in the JSON (08_cuda prints it)")
+    ap.add_argument("--configs", default=None, help="shape:batch:context instead of the nine, e.g. llama3-8b:1:16384")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
+                    help="also this checkout built with these macros, in the same rounds, e.g. w1=TT_SLOT_W0=1,TT_SLOT_W2=1")
     args = ap.parse_args()
+    configs = CONFIGS if args.configs is None else [parse_config(c) for c in args.configs.split(",")]
     bits = tuple(int(b) for b in args.bits.split("/"))
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_revision(args.baseline, Path(tmp)) if args.baseline else Path(args.baseline_dir)
         name = args.baseline or folder.name
         kernels = dict(baseline=build_baseline(folder, "".join(c if c.isalnum() else "_" for c in name)),
                        this=build_kernel(defines=("TT_ONLY_HEAD_DIM=128",)))
+    for spec in args.variant:
+        vname, _, macros = spec.partition("=")
+        if not vname or vname in kernels or not macros: raise ValueError(f"--variant is NAME=MACRO,MACRO with a new name, not {spec!r}")
+        kernels[vname] = build_kernel(defines=("TT_ONLY_HEAD_DIM=128", *macros.split(",")))
     copy_bw = copy_GBps(args.reps)
     rows = []
-    for shape, B, context in CONFIGS:
+    for shape, B, context in configs:
         r = compare(kernels, shape, B, context, args.reps, args.rounds, copy_bw, bits)
         rows.append(r)
         print(f"{shape:11} B={B:2} ctx={context:6} K{bits[0]}/V{bits[1]}: baseline {r['best_us']['baseline']:7.1f} us, "
               f"this {r['best_us']['this']:7.1f} us "
               f"-> baseline/this {r['baseline_over_this']:.3f} (this: {r['fraction_of_copy']['this']:.2f} of copy); "
-              f"outputs differ by {r['max_rel_difference']:.1e}", flush=True)
+              f"outputs differ by {r['max_rel_difference']:.1e}"
+              + "".join(f"; {n} {r['best_us'][n]:.1f} us ({r['baseline_over'][n]:.3f})" for n in kernels if n not in ("baseline", "this")),
+              flush=True)
         torch.cuda.empty_cache()
     this = str(kernel_source_dir())
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
