@@ -75,9 +75,6 @@ namespace {
 #define TT_PDL 1  // 1: the combine kernel is launched programmatically (Hopper's PDL): the split kernel lets it launch at
 #endif            //    once, its blocks start as split blocks leave and wait on the device for the split kernel's end
                   //    (0.2-0.8 us sooner per call at batch 1 and 8, kernel_h200_pdl.json); 0: an ordinary launch
-#ifndef TT_COMBINE_WARM
-#define TT_COMBINE_WARM 1  // 1 (with PDL): each combine warp runs its merge once on the partials as they are before it
-#endif                     // waits, result dropped, so the code, the parameters and the pages are warm when it ends
 #if TT_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define TT_USE_PDL 1
 #else
@@ -1052,73 +1049,66 @@ __device__ __forceinline__ float2 load_volatile(const float2* p) {
 }
 template <int D, int PER_ITEM, int BATCH>
 __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine_kernel(const DecodeParams p) {
+#if TT_USE_PDL
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // until the split kernel has ended, its partials visible (TT_PDL)
+#endif
+  stamp_combine(0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits;
   const int item = blockIdx.x * (COMBINE_WARPS / PER_ITEM) + warp / PER_ITEM, first = warp % PER_ITEM;
   const int bh = item / (D / 32), channel = item % (D / 32) * 32 + lane;
-  const bool live = bh < p.B * p.Hkv * p.G;  // (items past the last head only meet the barriers)
-  const float2* ml0 = reinterpret_cast<const float2*>(p.ml_part) + int64_t(bh) * S + first;  // this warp's first partial
-  const float* o0 = p.o_part + (int64_t(bh) * S + first) * D + channel;
+  const bool live = bh < p.B * p.Hkv * p.G;  // (items past the last head only meet the barrier)
+  float M = -INFINITY, L = 0.f, acc = 0.f;
+  const float2* ml = reinterpret_cast<const float2*>(p.ml_part) + int64_t(bh) * S + first;  // this warp's first partial
+  const float* o = p.o_part + (int64_t(bh) * S + first) * D + channel;
   constexpr int STEP = PER_ITEM * BATCH;
   static_assert(STEP <= COMBINE_READS_PAST, "a batch's loads stay inside the partials' buffers");
-  __shared__ float share_ml[COMBINE_WARPS][2], share_o[COMBINE_WARPS][32];
-  // TT_COMBINE_WARM: pass 0 runs before the wait over the partials as they are then, and its result is dropped; a
-  // block that starts while split blocks still run then finds its code, the parameters and the partials' pages warm
-#pragma unroll 1
-  for (int pass = TT_USE_PDL && TT_COMBINE_WARM ? 0 : 1; pass < 2; ++pass) {
-    if (pass == 1) {
-#if TT_USE_PDL
-      asm volatile("griddepcontrol.wait;\n" ::: "memory");  // until the split kernel has ended, its partials visible (TT_PDL)
-#endif
-      stamp_combine(0);
+  for (int s0 = first; live && s0 < S; s0 += STEP, ml += STEP, o += STEP * D) {
+    float2 part_ml[BATCH];
+    float part_o[BATCH];
+    // the outputs' loads first, then the maxima's, in program order: all of them go out before the maxima are used (as
+    // plain loads ptxas spread the outputs' among the exps, two round trips; 1.00-1.03x, kernel_h200_ab_combine_volatile.json)
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) part_o[k] = load_volatile(o + k * PER_ITEM * D);
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) part_ml[k] = load_volatile(ml + k * PER_ITEM);
+    float M_new = M;
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) if (s0 + k * PER_ITEM < S) M_new = fmaxf(M_new, part_ml[k].x);
+    const float a = merge_weight(M, M_new);  // (0 while nothing is summed)
+    L *= a;
+    acc *= a;
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) {  // a split with no tokens (or every one masked) has m = -inf: weight 0
+      const bool used = s0 + k * PER_ITEM < S && part_ml[k].x != -INFINITY;
+      const float w = used ? exp2f(part_ml[k].x - M_new) : 0.f;
+      L = fmaf(w, used ? part_ml[k].y : 0.f, L);
+      acc = fmaf(w, used ? part_o[k] : 0.f, acc);
     }
-    float M = -INFINITY, L = 0.f, acc = 0.f;
-    const float2* ml = ml0;
-    const float* o = o0;
-    for (int s0 = first; live && s0 < S; s0 += STEP, ml += STEP, o += STEP * D) {
-      float2 part_ml[BATCH];
-      float part_o[BATCH];
-#pragma unroll
-      for (int k = 0; k < BATCH; ++k) part_o[k] = load_volatile(o + k * PER_ITEM * D);
-#pragma unroll
-      for (int k = 0; k < BATCH; ++k) part_ml[k] = load_volatile(ml + k * PER_ITEM);
-      float M_new = M;
-#pragma unroll
-      for (int k = 0; k < BATCH; ++k) if (s0 + k * PER_ITEM < S) M_new = fmaxf(M_new, part_ml[k].x);
-      const float a = merge_weight(M, M_new);  // (0 while nothing is summed)
-      L *= a;
-      acc *= a;
-#pragma unroll
-      for (int k = 0; k < BATCH; ++k) {  // a split with no tokens (or every one masked) has m = -inf: weight 0
-        const bool used = s0 + k * PER_ITEM < S && part_ml[k].x != -INFINITY;
-        const float w = used ? exp2f(part_ml[k].x - M_new) : 0.f;
-        L = fmaf(w, used ? part_ml[k].y : 0.f, L);
-        acc = fmaf(w, used ? part_o[k] : 0.f, acc);
-      }
-      M = M_new;
-    }
-    if constexpr (PER_ITEM > 1) {
-      if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
-      share_o[warp][lane] = acc;
-      __syncthreads();
-      M = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < PER_ITEM; ++w) M = fmaxf(M, share_ml[warp - first + w][0]);
-      L = acc = 0.f;
-#pragma unroll
-      for (int w = 0; w < PER_ITEM; ++w) {
-        const float a = merge_weight(share_ml[warp - first + w][0], M);
-        L = fmaf(a, share_ml[warp - first + w][1], L);
-        acc = fmaf(a, share_o[warp - first + w][lane], acc);
-      }
-      if (pass == 0) __syncthreads();  // pass 1 writes the shares again
-    }
-    if (pass == 0 || !live || first != 0) continue;
-    const float out = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
-    const int Hq = p.Hkv * p.G;
-    const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + channel;
-    if (p.out_f32) static_cast<float*>(p.out)[at] = out;
-    else static_cast<uint16_t*>(p.out)[at] = from_float(out, p.is_bf16);
+    M = M_new;
   }
+  if constexpr (PER_ITEM > 1) {
+    __shared__ float share_ml[COMBINE_WARPS][2], share_o[COMBINE_WARPS][32];
+    if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
+    share_o[warp][lane] = acc;
+    __syncthreads();
+    if (first != 0) return;
+    M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < PER_ITEM; ++w) M = fmaxf(M, share_ml[warp + w][0]);
+    L = acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < PER_ITEM; ++w) {
+      const float a = merge_weight(share_ml[warp + w][0], M);
+      L = fmaf(a, share_ml[warp + w][1], L);
+      acc = fmaf(a, share_o[warp + w][lane], acc);
+    }
+  }
+  if (!live) return;
+  const float out = L > 0.f ? acc / L : 0.f;  // a row with every key masked gets zeros
+  const int Hq = p.Hkv * p.G;
+  const int64_t at = (bh / Hq) * p.out_sb + int64_t(bh % Hq) * p.out_sh + channel;
+  if (p.out_f32) static_cast<float*>(p.out)[at] = out;
+  else static_cast<uint16_t*>(p.out)[at] = from_float(out, p.is_bf16);
   stamp_combine(1);
 }
 
