@@ -79,11 +79,10 @@ def trace_one(shape, B, context, defines, reps=3, before="warm"):
     sharing = torch.bincount(sm_of)[sm_of]
     by_sharing = {int(n): dict(blocks=int((sharing == n).sum()), loop_done_us=quantiles(us(split_ns[sharing == n, 5])))
                   for n in sharing.unique()}
-    # each block's own numbers, for finding what the late ones share (block b is split b // rows of row b % rows: the
-    # grid is launched rows fastest)
+    # each block's own numbers, for finding what the late ones share (block b is split b % splits of row b // splits)
     index = used.nonzero().flatten()
-    rows = B * Hkv * -(-(Hq // Hkv) // 8)
-    blocks = dict(multiprocessor=sm_of.tolist(), row=(index % rows).tolist(), split=(index // rows).tolist(),
+    splits = len(index) // (B * Hkv * -(-(Hq // Hkv) // 8))
+    blocks = dict(multiprocessor=sm_of.tolist(), row=(index // splits).tolist(), split=(index % splits).tolist(),
                   loop_done_us=[round(x, 3) for x in us(split_ns[:, 5]).tolist()])
     return dict(shape=shape, batch=B, context=context, before=before, split_blocks=int(used.sum()), blocks=blocks,
                 multiprocessors_used=int(sm_of.unique().numel()), by_blocks_per_multiprocessor=by_sharing,

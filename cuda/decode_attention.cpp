@@ -117,7 +117,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   // pipeline; the first splits take the window too, and fewer chunks (TT_WINDOW_SPLIT_TOKENS, decode_attention.h).
   const int64_t ntiles = nq / 128, rows = B * Hkv * p.head_groups;
   const int64_t resident = int64_t(sms) * occ;
-  const int64_t max_splits = std::min<int64_t>(MAX_SPLITS, std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64}));
+  const int64_t max_splits = std::max<int64_t>({1, ntiles / 2, (nw + 63) / 64});
   int64_t splits = 1;
   double fill_best = 0;
   for (int64_t s = 1; s <= max_splits; ++s) {  // the fewest splits that fill 90% of whole waves, or the best fill
@@ -136,22 +136,11 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   p.window_per_split = std::max<int64_t>((nw + splits - 1) / splits, TT_WINDOW_SPLIT_TOKENS);
   p.window_splits = nw > 0 ? std::min<int64_t>(splits, (nw + p.window_per_split - 1) / p.window_per_split) : 0;
   const int64_t chunks = nq / CHUNK_TOKENS;  // per row
-  // the launch slots' weights (split_share) where the grid is one wave (in later waves a block's slot says nothing)
-  const int64_t w_max = std::max({TT_SLOT_W0, TT_SLOT_W1, TT_SLOT_W2}), w_min = std::min({TT_SLOT_W0, TT_SLOT_W1, TT_SLOT_W2});
-  const bool weighted = rows * splits <= resident;
-  p.slot_blocks = sms;
-  p.slot_weight[0] = weighted ? TT_SLOT_W0 : 1;
-  p.slot_weight[1] = weighted ? TT_SLOT_W1 : 1;
-  p.slot_weight[2] = weighted ? TT_SLOT_W2 : 1;
-  // the discount leaves every window split a share to take it from: equal shares are (chunks + window_splits *
-  // discount) / splits, weighted ones at least chunks * w_min / (splits * w_max)
-  int64_t discount = 0;
-  if (p.window_splits < splits) {
-    discount = std::min<int64_t>(TT_WINDOW_DISCOUNT, chunks / (splits - p.window_splits));
-    if (weighted) discount = std::min(discount, chunks * w_min / (splits * w_max));
-  }
+  // (at most what leaves the window splits no chunks: chunks >= (splits - window_splits) * discount)
+  const int64_t discount = p.window_splits < splits ? std::min<int64_t>(TT_WINDOW_DISCOUNT, chunks / (splits - p.window_splits)) : 0;
   p.window_discount = int(discount);
-  p.row_chunks = int(chunks + p.window_splits * discount);  // the discounts, shared out with the rest, then taken back
+  const int64_t shared = chunks + p.window_splits * discount;  // the discounts, spread over every split, then taken back
+  p.split_chunks = int(shared / splits); p.split_extra = int(shared % splits);
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.is_bf16 = meta == at::kBFloat16;
   auto f32 = q.options().dtype(at::kFloat);

@@ -92,11 +92,6 @@ constexpr int WARPS = 4;         // warps per block of the split kernel
 __device__ unsigned long long trace_clocks[2][TRACE_SLOTS];  // [%globaltimer (ns, one clock for all SMs), clock64][slot]
 #endif
 __device__ __forceinline__ int block_index() { return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); }
-// The split kernel's grid is (KV head * head group, batch row, split): blocks start in that order (x fastest), so the
-// rows come fastest and each row's splits are spread over the whole launch (see split_share)
-__device__ __forceinline__ int head_slot() { return blockIdx.x; }  // KV head * head_groups + head group
-__device__ __forceinline__ int batch_row() { return blockIdx.y; }
-__device__ __forceinline__ int split_index() { return blockIdx.z; }
 __device__ __forceinline__ void stamp(int slot) {  // thread 0 of the block (TT_TRACE builds)
 #if TT_TRACE
   if (threadIdx.x != 0) return;
@@ -408,7 +403,7 @@ template <int D> struct QueryLoad {
 };
 template <int D>
 __device__ __forceinline__ void load_query(const DecodeParams& p, QueryLoad<D>& ql) {
-  const int b = batch_row(), hkv = head_slot() / p.head_groups, h0 = (head_slot() % p.head_groups) * MAX_HEADS;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_sb + int64_t(hkv * p.G + h0) * p.q_sh;
 #pragma unroll
@@ -434,7 +429,7 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
   if (TT_ABLATE == 5) return {0, 0};
   const int nw = p.window_length ? int(min(*p.window_length, int64_t(p.nw))) : p.nw;
   const int per_warp = (p.window_per_split + WARPS - 1) / WARPS;
-  const int s_lo = split_index() * p.window_per_split, s_hi = min(nw, s_lo + p.window_per_split);
+  const int s_lo = blockIdx.x * p.window_per_split, s_hi = min(nw, s_lo + p.window_per_split);
   const int lo = s_lo + warp * per_warp;
   return {lo, min(s_hi, lo + per_warp)};
 }
@@ -449,7 +444,7 @@ __device__ __forceinline__ TokenRange window_range(const DecodeParams& p, int wa
 __host__ __device__ constexpr int window_unit(int j, int u) { return u ^ (j & 7); }
 template <int D>
 __device__ __forceinline__ const uint16_t* window_row(const DecodeParams& p, bool values, int64_t t) {  // row t's start
-  const int b = batch_row(), hkv = head_slot() / p.head_groups;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups;
   return values ? static_cast<const uint16_t*>(p.wv) + b * p.wv_sb + hkv * p.wv_sh + t * p.wv_st
                 : static_cast<const uint16_t*>(p.wk) + b * p.wk_sb + hkv * p.wk_sh + t * p.wk_st;
 }
@@ -505,7 +500,7 @@ __device__ __forceinline__ void window_tiles(const DecodeParams& p, const uint16
   constexpr int KS = D / 16, VU = D / 64;  // k-steps of a score mma; 16-byte units of a lane's value slice
   if (r.hi <= r.lo) return;
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  const uint8_t* mask = p.mask ? p.mask + batch_row() * p.mask_sb + p.nq : nullptr;
+  const uint8_t* mask = p.mask ? p.mask + blockIdx.z * p.mask_sb + p.nq : nullptr;
   uint32_t qh[2 * KS], ql[2 * KS];  // head gid's query: channels 16kk + 2tig, + 1 (entry 2kk) and 8 more (2kk + 1)
   const uint32_t* qw = reinterpret_cast<const uint32_t*>(qs + gid * D);
 #pragma unroll
@@ -604,33 +599,6 @@ __device__ __forceinline__ void window_tiles(const DecodeParams& p, const uint16
   }
 }
 
-// This block's share of its row's chunks: [begin, begin + chunks). The row's chunks plus the window splits' discounts
-// are shared out in proportion to each split's weight, then the discount is taken back from each of the first
-// window_splits. The weight is its launch slot's: blocks start in launch order, one per multiprocessor at a time, so
-// block i is the (i / slot_blocks)-th to arrive on its multiprocessor, and a multiprocessor's warp schedulers favour its
-// oldest block: with equal shares the first-slot blocks of a batch-1 call ended their loops 1.15-1.5x sooner than the
-// third-slot ones (TT_TRACE). The grid's order (head slot, batch row, split) puts a row's splits in every slot. Split x
-// of row r is block r + rows x, so its slot changes at x1 and x2 below. 32-bit arithmetic: two int64 divisions at every
-// block's start cost ~1 us (kernel_h200_slot_decay.json).
-__device__ __forceinline__ void split_share(const DecodeParams& p, int& begin, int& chunks) {
-  const int rows = gridDim.x * gridDim.y, row = head_slot() + gridDim.x * batch_row(), x = split_index();
-  auto first_split_in = [&](int slot) {  // the first split of this row launched in `slot` or later
-    const int from = slot * p.slot_blocks - row;
-    return from <= 0 ? 0 : min(p.splits, (from + rows - 1) / rows);
-  };
-  const int x1 = first_split_in(1), x2 = max(x1, first_split_in(2));
-  auto weight_before = [&](int s) {  // the weights of splits 0 .. s - 1
-    const int a = min(s, x1), c = min(s, x2);
-    return uint32_t(p.slot_weight[0] * a + p.slot_weight[1] * (c - a) + p.slot_weight[2] * (s - c));
-  };
-  const uint32_t total = weight_before(p.splits), shared = p.row_chunks, whole = shared / total, rest = shared % total;
-  // floor(shared * w / total) with no product past 2^32 (total <= 2^16: MAX_SPLITS)
-  auto share_before = [&](int s) { const uint32_t w = weight_before(s); return int(whole * w + rest * w / total); };
-  const int lo = share_before(x), hi = share_before(x + 1);
-  begin = lo - min(x, p.window_splits) * p.window_discount;
-  chunks = hi - lo - (x < p.window_splits ? p.window_discount : 0);
-}
-
 // One warp's shared-memory stage: the key codes and value codes of one chunk, then the chunk's value scales and zeros
 // ([token][group]: room for the call's value groups, so a stage's size is the call's). Each region is one bulk copy.
 // Beside the stages, each warp has two slots for key blocks' scale and zero rows (block t's in slot t & 1, copied with
@@ -673,13 +641,16 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // the warp's index through a shuffle from lane 0: the compiler then knows it is the same on every lane and keeps what
   // derives from it (the chunk index, the copies' addresses) in uniform registers, as the bulk copies need them
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x >> 5), 0);
-  const int b = batch_row(), hkv = head_slot() / p.head_groups, h0 = (head_slot() % p.head_groups) * MAX_HEADS;
+  const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
   // the split's share of the row's chunks (it may start or end inside a 128-token key block), a quarter of it for each
-  // warp
-  int s_begin, nc;
-  split_share(p, s_begin, nc);
+  // warp: the row's chunks plus the window splits' discounts, split evenly, then the discount taken back from each of
+  // the first window_splits. Sized on the host: two int64 divisions here cost ~1 us at every block's start
+  // (kernel_h200_slot_decay.json).
+  const int x = blockIdx.x, discounts_before = min(x, p.window_splits) * p.window_discount;
+  const int s_begin = x * p.split_chunks + min(x, p.split_extra) - discounts_before;
+  const int nc = p.split_chunks + (x < p.split_extra) - (x < p.window_splits ? p.window_discount : 0);
   const int c_begin = s_begin + nc * warp / WARPS, c_end = s_begin + nc * (warp + 1) / WARPS;
 
   const uint8_t* kc = p.kc + b * p.kc_sb + hkv * p.kc_sh;
@@ -1051,7 +1022,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       const float4 x = *reinterpret_cast<const float4*>(o_sh + w * MAX_HEADS * D + at);
       o.x = fmaf(a, x.x, o.x); o.y = fmaf(a, x.y, o.y); o.z = fmaf(a, x.z, o.z); o.w = fmaf(a, x.w, o.w);
     }
-    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + split_index();
+    const int64_t base = (int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x;
     *reinterpret_cast<float4*>(p.o_part + base * D + d) = o;
     if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
@@ -1161,7 +1132,7 @@ KernelRef kernel_ref(int vgroups) {
 }
 template <int D, int KB, int VB>
 void launch_quantized(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.Hkv * p.head_groups, p.B, p.splits);  // rows fastest (split_share)
+  const dim3 grid(p.splits, p.Hkv * p.head_groups, p.B);
   if (p.mask) {
     const KernelRef k = kernel_ref<D, KB, VB, true>(p.vgroups);
     quantized_kernel<D, KB, VB, true><<<grid, WARPS * 32, k.shared, stream>>>(p);

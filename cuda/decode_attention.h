@@ -28,23 +28,6 @@ constexpr int CHUNK_TOKENS = 16 * TT_MT;  // a chunk: the unit of a split's shar
 #define TT_WINDOW_DISCOUNT 8
 #endif
 
-// The weights of a split's share by the slot its block is launched in (first, second, third or later block on its
-// multiprocessor; split_share in decode_attention.cu): older blocks get more issue slots, so they take more chunks.
-#ifndef TT_SLOT_W0
-#define TT_SLOT_W0 8
-#endif
-#ifndef TT_SLOT_W1
-#define TT_SLOT_W1 7
-#endif
-#ifndef TT_SLOT_W2
-#define TT_SLOT_W2 6
-#endif
-// At most this many splits per row: the weights of a row's splits then sum to at most 2^16, which keeps split_share's
-// products in 32 bits
-constexpr int MAX_SPLITS = 4096;
-static_assert(TT_SLOT_W0 >= 1 && TT_SLOT_W1 >= 1 && TT_SLOT_W2 >= 1 && TT_SLOT_W0 <= 16 && TT_SLOT_W1 <= 16 && TT_SLOT_W2 <= 16,
-              "slot weights are 1 to 16");
-
 // The partials' buffers hold this many partials more than the launch writes: the combine kernel reads past a head's
 // last partial (and weighs what it reads there 0) so that its loads need no predicates.
 constexpr int COMBINE_READS_PAST = 128;
@@ -68,8 +51,7 @@ struct DecodeParams {
   int B, Hkv, G, D, key_bits, value_bits, nq, nw;
   int head_groups;                         // ceil(G / 8): one thread block serves at most 8 query heads
   int splits;                              // split-K: blocks per (row, head group), each a share of the chunks
-  int row_chunks;                          // a row's chunks plus the window splits' discounts, shared out by weight
-  int slot_blocks, slot_weight[3];         // blocks per launch slot (multiprocessors) and the slots' weights (split_share)
+  int split_chunks, split_extra;           // a split's chunks, and how many splits (the first ones) take one more
   int window_per_split;                    // window tokens per split (the first splits take them)
   int window_splits, window_discount;      // the splits with window tokens take window_discount chunks fewer
   float scale_log2;                        // softmax scale * log2(e): the kernels use exp2
