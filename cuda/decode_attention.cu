@@ -43,8 +43,7 @@ namespace {
 #ifndef TT_ABLATE
 #define TT_ABLATE 0  // timing only, WRONG results: leave a stage out to see what it costs (time the difference):
 #endif               // 1 copy the chunks and nothing else, 2 no value part, 3 no score mma, 4 fold the query once only,
-                     // 5 no window (nothing copied or attended), 6 no combine kernel, 7 window copied, not attended,
-                     // 8 only the codes copied (no value scales and zeros, no key blocks' rows), 9 no key blocks' rows
+                     // 5 no window (nothing copied or attended), 6 no combine kernel, 7 window copied, not attended
 #ifndef TT_KEY_INPLACE
 #define TT_KEY_INPLACE 1  // 1: key codes are masked where they lie (one shift serves two to four pairs)
 #endif                    //    and the query absorbs their place value
@@ -72,9 +71,6 @@ namespace {
 #ifndef TT_FIRST_AHEAD
 #define TT_FIRST_AHEAD 1  // chunks a warp asks for before it attends the window (the rest of the TT_STAGES - 1 ahead
 #endif                    // right after)
-#ifndef TT_ISSUE_EARLY
-#define TT_ISSUE_EARLY 0  // 1: a chunk's stage is refilled as soon as the warp has read it (all TT_STAGES in flight while
-#endif                    //    it computes), not after the next chunk has landed (TT_STAGES - 1)
 #ifndef TT_PDL
 #define TT_PDL 1  // 1: the combine kernel is launched programmatically (Hopper's PDL): the split kernel lets it launch at
 #endif            //    once, its blocks start as split blocks leave and wait on the device for the split kernel's end
@@ -699,15 +695,13 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const int c = next_c, stage = next_stage;
     if (c < c_end) {
       uint8_t* dst = stages + stage * stage_bytes;
-      const bool key_block = (c == c_begin || c % CPT == 0) && TT_ABLATE != 8 && TT_ABLATE != 9;  // the chunk that starts a key block (or this warp's run)
+      const bool key_block = c == c_begin || c % CPT == 0;  // the chunk that starts a key block (or this warp's run)
       if (!TT_USE_BULK || elect_one()) {
-        if (TT_USE_BULK) barrier_expect(landed + stage, (TT_ABLATE == 8 ? St::META : stage_bytes) + (key_block ? 4 * D : 0));
+        if (TT_USE_BULK) barrier_expect(landed + stage, stage_bytes + (key_block ? 4 * D : 0));
         copy(dst + St::KEYS, next_keys, St::VALUES, stage);
         copy(dst + St::VALUES, next_values, St::META - St::VALUES, stage);
-        if (TT_ABLATE != 8) {
-          copy(dst + St::META, next_scales, meta_bytes, stage);
-          copy(dst + St::META + meta_bytes, next_zeros, meta_bytes, stage);
-        }
+        copy(dst + St::META, next_scales, meta_bytes, stage);
+        copy(dst + St::META + meta_bytes, next_zeros, meta_bytes, stage);
         if (key_block) {
           uint8_t* rows = key_rows + (c / CPT & 1) * 4 * D;
           const int64_t row = int64_t(c / CPT) * D;
@@ -755,7 +749,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // proxies' accesses (PTX asks for a proxy fence between them)
   if (TT_USE_BULK) proxy_fence();
 #pragma unroll
-  for (int i = TT_FIRST_AHEAD; i < TT_STAGES - 1 + TT_ISSUE_EARLY; ++i) issue_next();
+  for (int i = TT_FIRST_AHEAD; i < TT_STAGES - 1; ++i) issue_next();
   base[0] = m_run[0] == -INFINITY ? 0.f : m_run[0];
   base[1] = m_run[1] == -INFINITY ? 0.f : m_run[1];
   stamp_split(2);  // 2 window attended (warp 0, as the rest)
@@ -778,11 +772,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   };
 
   // st: the chunk's stage (codes, the key block's scale and zero rows where the chunk brought them, value scales)
-  uint32_t vsc[MT][2], vzr[MT][2];  // the chunk's value scales and zeros (prepare_chunk), for compute_chunk
-  // what a chunk needs from shared memory besides its codes: the key block's scales folded into the query (at a new
-  // block) and the value scales and zeros
-  auto prepare_chunk = [&](const uint8_t* st, int c) {
-    const int tile = c / CPT;
+  auto compute_chunk = [&](const Chunk& ch, const uint8_t* st, int c) {
+    const int tile = c / CPT, tok0 = c * CH;
     if (tile != cur_tile && (TT_ABLATE != 4 || cur_tile < 0)) {  // fold this block's key scales into the query, its zeros into a per-head bias
       cur_tile = tile;
       const uint16_t* key_scale_row = reinterpret_cast<const uint16_t*>(key_rows + (tile & 1) * 4 * D);
@@ -838,6 +829,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     const uint16_t* vsm = reinterpret_cast<const uint16_t*>(st + St::META);
     const uint16_t* vzm = reinterpret_cast<const uint16_t*>(st + St::META + meta_bytes);
     const int next = fold ? 8 : (tig & 1 ? -vgroups : vgroups);  // the second half: token gid + 8 (fold), or 2tig + 1
+    uint32_t vsc[MT][2], vzr[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -850,9 +842,6 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
           vzr[mt][r] = uint32_t(half_bits_of(uint16_t(vzr[mt][r]), true)) | (uint32_t(half_bits_of(uint16_t(vzr[mt][r] >> 16), true)) << 16);
         }
       }
-  };
-  auto compute_chunk = [&](const Chunk& ch, int c) {
-    const int tok0 = c * CH;
     // --- scores: rows = 16 tokens, cols = 8 heads, per mma tile ---
     float s[MT][4];
 #pragma unroll
@@ -959,10 +948,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   uint32_t parity = 0;  // of the stages' current phase: flips each time the loop comes back to stage 0
   for (int c = c_begin; c < c_end; ++c) {
     if (TT_USE_BULK) barrier_wait(landed + stage, parity);  // chunk c has landed
-    else cp_async_wait<TT_STAGES - 2 + TT_ISSUE_EARLY>();   // (this lane's copies of it)
+    else cp_async_wait<TT_STAGES - 2>();                    // (this lane's copies of it)
     __syncwarp();  // ... for every lane; every lane is done reading the stage refilled next
     if (TT_TRACE && c == c_begin) stamp_split(3);  // 3 first chunk landed
-    if (!TT_ISSUE_EARLY) issue_next();  // chunk c + TT_STAGES - 1, into the stage chunk c - 1 had
+    issue_next();  // chunk c + TT_STAGES - 1, into the stage chunk c - 1 had
     const uint8_t* st = stages + stage * stage_bytes;
     Chunk ch;
 #pragma unroll
@@ -982,14 +971,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
       for (int r = 0; r < 4; ++r) sink ^= ch.vw[mt][r].w[0];
     }
 #else
-    prepare_chunk(st, c);
-#endif
-    if (TT_ISSUE_EARLY) {  // every lane has read the stage: chunk c + TT_STAGES into it
-      __syncwarp();
-      issue_next();
-    }
-#if TT_ABLATE != 1
-    compute_chunk(ch, c);
+    compute_chunk(ch, st, c);
 #endif
     if (++stage == TT_STAGES) { stage = 0; parity ^= 1; }
   }
@@ -1054,28 +1036,15 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 // offsets are constants), BATCH at a time whose loads go out together, unpredicated (past the head's last partial they
 // read the next head's, or the buffers' padding, and weigh them 0), with an online max; the item's warps then merge in
 // shared memory. A batch is one round trip: its loads are volatile, which ptxas keeps in program order (load_volatile).
-#ifndef TT_COMBINE_WARPS
-#define TT_COMBINE_WARPS 8
-#endif
-#ifndef TT_COMBINE_LOAD
-#define TT_COMBINE_LOAD 0  // the combine's loads: 0 volatile (relaxed, system scope), 1 relaxed at GPU scope, 2 .cg (weak)
-#endif
-constexpr int COMBINE_WARPS = TT_COMBINE_WARPS;
-#if TT_COMBINE_LOAD == 0
-#define TT_LD "ld.volatile.global"
-#elif TT_COMBINE_LOAD == 1
-#define TT_LD "ld.relaxed.gpu.global"
-#else
-#define TT_LD "ld.global.cg"
-#endif
+constexpr int COMBINE_WARPS = 8;
 __device__ __forceinline__ float load_volatile(const float* p) {
   float x;
-  asm volatile(TT_LD ".f32 %0, [%1];\n" : "=f"(x) : "l"(p));
+  asm volatile("ld.volatile.global.f32 %0, [%1];\n" : "=f"(x) : "l"(p));
   return x;
 }
 __device__ __forceinline__ float2 load_volatile(const float2* p) {
   float2 x;
-  asm volatile(TT_LD ".v2.f32 {%0, %1}, [%2];\n" : "=f"(x.x), "=f"(x.y) : "l"(p));
+  asm volatile("ld.volatile.global.v2.f32 {%0, %1}, [%2];\n" : "=f"(x.x), "=f"(x.y) : "l"(p));
   return x;
 }
 template <int D, int PER_ITEM, int BATCH>
