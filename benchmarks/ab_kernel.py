@@ -5,7 +5,7 @@
     python benchmarks/ab_kernel.py --baseline d1fd665 --bits 4/2      # caches of other bits (4/4 unless told)
     python benchmarks/ab_kernel.py --baseline d1fd665 --note "what changed"  # kept in the JSON, printed by 08_cuda
     python benchmarks/ab_kernel.py --baseline d1fd665 --configs qwen2.5-7b:1:16384,llama3-8b:1:65536  # other shapes
-    python benchmarks/ab_kernel.py --baseline d1fd665 --variant even=TT_SLOT_W0=1,TT_SLOT_W1=1,TT_SLOT_W2=1  # and a build
+    python benchmarks/ab_kernel.py --baseline d1fd665 --variant s4=TT_STAGES=4 --variant nofold=TT_FOLD=0  # more builds
 
 Two runs on a lent GPU differ by a few percent (the machine, its clocks, the copy bandwidth), as much as a kernel change
 may gain: a change is judged by timing both kernels here, interleaved, on the same caches. Both are built for head_dim
@@ -13,7 +13,9 @@ may gain: a change is judged by timing both kernels here, interleaved, on the sa
 signature, which both must share. Per shape: each kernel's time per layer-step (`bench_kernel.per_layer_us`: `layers`
 calls over distinct random caches, back to back in one CUDA graph), measured `--rounds` times in turn and the fastest
 kept, the ratio baseline / this (above 1: this checkout is faster), the fraction of the device-to-device copy bandwidth
-measured in the same run, and the largest relative difference between the two kernels' outputs. Two builds of the
+measured in the same run, and the largest relative difference between the two kernels' outputs (each `--variant`,
+a build of this checkout with other macros, is timed in the same rounds: `baseline_over` and `max_rel_differences`
+per row). Two builds of the
 same sources came out 0.996-1.004x of each other on an H200 (kernel_h200_ab_identical.json): the resolution of a run.
 Writes benchmarks/results/kernel_h200_ab.json unless told otherwise.
 """
@@ -80,11 +82,11 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
     return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times,
                 best_us=best,
                 baseline_over_this=best["baseline"] / best["this"],
-                baseline_over={name: best["baseline"] / t for name, t in best.items() if name != "baseline"},
+                baseline_over={name: best["baseline"] / t for name, t in best.items() if name not in ("baseline", "this")},
                 fraction_of_copy={name: first.nbytes() / t / 1e3 / copy_bw for name, t in best.items()},
                 max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item(),
                 max_rel_differences={name: ((o - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
-                                     for name, o in outs.items() if name != "baseline"})
+                                     for name, o in outs.items() if name not in ("baseline", "this")})
 
 
 def main():
@@ -99,7 +101,7 @@ def main():
     ap.add_argument("--note", help="what the two kernels are, kept in the JSON (08_cuda prints it)")
     ap.add_argument("--configs", default=None, help="shape:batch:context instead of the nine, e.g. llama3-8b:1:16384")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
-                    help="also this checkout built with these macros, in the same rounds, e.g. w1=TT_SLOT_W0=1,TT_SLOT_W2=1")
+                    help="also this checkout built with these macros, in the same rounds, e.g. s4=TT_STAGES=4")
     args = ap.parse_args()
     configs = CONFIGS if args.configs is None else [parse_config(c) for c in args.configs.split(",")]
     bits = tuple(int(b) for b in args.bits.split("/"))
