@@ -146,7 +146,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor key_codes, at::Tensor key_s
   auto f32 = q.options().dtype(at::kFloat);
   // one partial per block ([B, Hq, splits] of them, then COMBINE_READS_PAST unwritten): its warps and its share of the
   // window are merged in shared memory first
-  const int64_t partials = B * Hq * p.splits * (TT_WARP_PARTIALS ? 4 : 1) + COMBINE_READS_PAST;  // (4: WARPS)
+  const int64_t partials = B * Hq * p.splits + COMBINE_READS_PAST;
   at::Tensor o_part = at::empty({partials, D}, f32), ml_part = at::empty({partials, 2}, f32);
   at::Tensor out = at::empty({B, Hq, D}, float_output ? f32 : q.options());
   p.out_f32 = float_output;

@@ -980,32 +980,6 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
 
   if (TT_ABLATE == 1 && sink == 0x9e3779b9u) acc[0][0] += 1.f;  // (sink: see TT_ABLATE)
 
-#if TT_WARP_PARTIALS  // (timing experiment) each warp's state is a partial of its own: no merge in the block
-  {
-    float zsum[2] = {0.f, 0.f};
-    if (fold) { zsum[0] = warp_sum_rows(zsum_part[0]); zsum[1] = warp_sum_rows(zsum_part[1]); }
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {  // rows of acc are channels gid*SEGV + 2mv (+1), cols heads 2tig + e
-      const float l = warp_sum_rows(l_run[e]);
-      const int g = 2 * tig + e;
-      const int64_t part = ((int64_t(b) * p.Hkv * p.G + hkv * p.G + h0 + g) * p.splits + blockIdx.x) * WARPS + warp;
-      if (g < GH && gid == 0) { p.ml_part[2 * part] = m_run[e]; p.ml_part[2 * part + 1] = l; }
-      float* o = p.o_part + part * D + gid * SEGV;
-#pragma unroll
-      for (int mv = 0; mv < NMV; mv += 2) {
-        float v[4];
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const float lo = fold ? CODE_UNIT / float(1 << value_pos<VB>(mv + k, false)) : 1.f;
-          const float hi = fold ? CODE_UNIT / float(1 << value_pos<VB>(mv + k, true)) : 1.f;
-          v[2 * k] = fmaf(acc[mv + k][e], lo, zsum[e]);
-          v[2 * k + 1] = fmaf(acc[mv + k][e + 2], hi, zsum[e]);
-        }
-        if (g < GH) *reinterpret_cast<float4*>(o + 2 * mv) = make_float4(v[0], v[1], v[2], v[3]);
-      }
-    }
-  }
-#else
   // --- one partial per block: the 4 warps' states (window and chunks), merged in shared memory ---
   __syncthreads();  // every warp is done with its stages: they become o_sh [WARPS][MAX_HEADS][D], ml_sh [WARPS][MAX_HEADS][2]
   stamp_split(5);  // 5 every warp's loop done
@@ -1052,7 +1026,6 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     *reinterpret_cast<float4*>(p.o_part + base * D + d) = o;
     if (d == 0) { p.ml_part[2 * base] = M; p.ml_part[2 * base + 1] = L; }
   }
-#endif
   stamp_split(6);  // 6 partial written
 }
 
@@ -1074,17 +1047,14 @@ __device__ __forceinline__ float2 load_volatile(const float2* p) {
   asm volatile("ld.volatile.global.v2.f32 {%0, %1}, [%2];\n" : "=f"(x.x), "=f"(x.y) : "l"(p));
   return x;
 }
-__host__ __device__ constexpr int combine_warps(int per_item) { return per_item > COMBINE_WARPS ? per_item : COMBINE_WARPS; }
-constexpr int SPLIT_PARTIALS = TT_WARP_PARTIALS ? WARPS : 1;  // partials per split block
 template <int D, int PER_ITEM, int BATCH>
-__global__ void __launch_bounds__(combine_warps(PER_ITEM) * 32) combine_kernel(const DecodeParams p) {
-  constexpr int CW = combine_warps(PER_ITEM);
+__global__ void __launch_bounds__(COMBINE_WARPS * 32) combine_kernel(const DecodeParams p) {
 #if TT_USE_PDL
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // until the split kernel has ended, its partials visible (TT_PDL)
 #endif
   stamp_combine(0);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits * SPLIT_PARTIALS;
-  const int item = blockIdx.x * (CW / PER_ITEM) + warp / PER_ITEM, first = warp % PER_ITEM;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = p.splits;
+  const int item = blockIdx.x * (COMBINE_WARPS / PER_ITEM) + warp / PER_ITEM, first = warp % PER_ITEM;
   const int bh = item / (D / 32), channel = item % (D / 32) * 32 + lane;
   const bool live = bh < p.B * p.Hkv * p.G;  // (items past the last head only meet the barrier)
   float M = -INFINITY, L = 0.f, acc = 0.f;
@@ -1117,7 +1087,7 @@ __global__ void __launch_bounds__(combine_warps(PER_ITEM) * 32) combine_kernel(c
     M = M_new;
   }
   if constexpr (PER_ITEM > 1) {
-    __shared__ float share_ml[CW][2], share_o[CW][32];
+    __shared__ float share_ml[COMBINE_WARPS][2], share_o[COMBINE_WARPS][32];
     if (lane == 0) { share_ml[warp][0] = M; share_ml[warp][1] = L; }
     share_o[warp][lane] = acc;
     __syncthreads();
@@ -1201,8 +1171,8 @@ KernelRef pick_kb(int kb, int vb, int vgroups) {
 template <int D, int PER_ITEM, int BATCH>
 cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
   const auto kernel = combine_kernel<D, PER_ITEM, BATCH>;
-  const int items = p.B * p.Hkv * p.G * (D / 32), per_block = combine_warps(PER_ITEM) / PER_ITEM;
-  const dim3 blocks((items + per_block - 1) / per_block), threads(combine_warps(PER_ITEM) * 32);
+  const int items = p.B * p.Hkv * p.G * (D / 32), per_block = COMBINE_WARPS / PER_ITEM;
+  const dim3 blocks((items + per_block - 1) / per_block), threads(COMBINE_WARPS * 32);
   static signed char waits[64] = {};  // per device: 0 not asked yet, 1 the code waits (griddepcontrol.wait), -1 not
   int dev = 0;
   cudaGetDevice(&dev);
@@ -1224,11 +1194,7 @@ cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
 }
 template <int D>
 cudaError_t dispatch_combine(const DecodeParams& p, cudaStream_t stream) {  // one batch per warp where it can
-  const int S = p.splits * SPLIT_PARTIALS;
-#if TT_WARP_PARTIALS
-  if (S > 256) return launch_combine<D, 32, 16>(p, stream);
-  if (S > 128) return launch_combine<D, 16, 16>(p, stream);
-#endif
+  const int S = p.splits;
   if (S <= 4) return launch_combine<D, 1, 4>(p, stream);
   if (S <= 8) return launch_combine<D, 1, 8>(p, stream);
   if (S <= 16) return launch_combine<D, 1, 16>(p, stream);

@@ -28,13 +28,9 @@ constexpr int CHUNK_TOKENS = 16 * TT_MT;  // a chunk: the unit of a split's shar
 #define TT_WINDOW_DISCOUNT 8
 #endif
 
-#ifndef TT_WARP_PARTIALS
-#define TT_WARP_PARTIALS 0  // 1: every warp of a split block writes its own partial (4 per block), not the block's merge
-#endif
-
 // The partials' buffers hold this many partials more than the launch writes: the combine kernel reads past a head's
 // last partial (and weighs what it reads there 0) so that its loads need no predicates.
-constexpr int COMBINE_READS_PAST = TT_WARP_PARTIALS ? 512 : 128;
+constexpr int COMBINE_READS_PAST = 128;
 
 struct DecodeParams {
   // query [B, Hq, D], model dtype (fp16 or bf16), element strides
