@@ -86,10 +86,7 @@ namespace {
 #if TT_FIRST_AHEAD < 0 || TT_FIRST_AHEAD > TT_STAGES - 1
 #error "TT_FIRST_AHEAD must be between 0 and TT_STAGES - 1"
 #endif
-#ifndef TT_WARPS
-#define TT_WARPS 4  // warps per block of the split kernel
-#endif
-constexpr int WARPS = TT_WARPS;
+constexpr int WARPS = 4;         // warps per block of the split kernel
 
 #if TT_TRACE
 __device__ unsigned long long trace_clocks[2][TRACE_SLOTS];  // [%globaltimer (ns, one clock for all SMs), clock64][slot]
