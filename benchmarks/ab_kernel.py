@@ -82,7 +82,8 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
     return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times,
                 best_us=best,
                 baseline_over_this=best["baseline"] / best["this"],
-                baseline_over={name: best["baseline"] / t for name, t in best.items() if name not in ("baseline", "this")},
+                baseline_over={name: best["baseline"] / t for name, t in best.items()
+                               if name not in ("baseline", "this")},
                 fraction_of_copy={name: first.nbytes() / t / 1e3 / copy_bw for name, t in best.items()},
                 max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item(),
                 max_rel_differences={name: ((o - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
@@ -112,7 +113,8 @@ def main():
                        this=build_kernel(defines=("TT_ONLY_HEAD_DIM=128",)))
     for spec in args.variant:
         vname, _, macros = spec.partition("=")
-        if not vname or vname in kernels or not macros: raise ValueError(f"--variant is NAME=MACRO,MACRO with a new name, not {spec!r}")
+        if not vname or vname in kernels or not macros:
+            raise ValueError(f"--variant is NAME=MACRO,MACRO with a new name, not {spec!r}")
         kernels[vname] = build_kernel(defines=("TT_ONLY_HEAD_DIM=128", *macros.split(",")))
     copy_bw = copy_GBps(args.reps)
     rows = []
@@ -123,7 +125,8 @@ def main():
               f"this {r['best_us']['this']:7.1f} us "
               f"-> baseline/this {r['baseline_over_this']:.3f} (this: {r['fraction_of_copy']['this']:.2f} of copy); "
               f"outputs differ by {r['max_rel_difference']:.1e}"
-              + "".join(f"; {n} {r['best_us'][n]:.1f} us ({r['baseline_over'][n]:.3f})" for n in kernels if n not in ("baseline", "this")),
+              + "".join(f"; {n} {r['best_us'][n]:.1f} us ({r['baseline_over'][n]:.3f})"
+                        for n in kernels if n not in ("baseline", "this")),
               flush=True)
         torch.cuda.empty_cache()
     this = str(kernel_source_dir())

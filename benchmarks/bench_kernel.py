@@ -221,8 +221,9 @@ def main():
                and keep(args.bits, f"{c[3][0]}/{c[3][1]}")]
     rows = []
     for shape, B, ctx, bits in configs:
-        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=B * ctx <= 8 * 65536 and not (args.quick or args.kernel_only),
-                      defines=args.define, variants=variants)
+        with_dequant = B * ctx <= 8 * 65536 and not (args.quick or args.kernel_only)
+        r = bench_one(shape, B, ctx, bits, args.reps, copy_bw, with_dequant=with_dequant, defines=args.define,
+                      variants=variants)
         rows.append(r)
         print(f"{shape:11} B={B:2} ctx={ctx:6} K{bits[0]}/V{bits[1]}: ours {r['ours_us']:8.1f} us ({r['ours_GBps']:5.0f} GB/s, "
               f"{r['fraction_of_copy']:.2f} of copy; eager {r['ours_eager_us']:6.1f}), SDPA fp16 {r['sdpa_us']:8.1f} us -> {r['speedup_vs_sdpa']:.2f}x"

@@ -1065,8 +1065,7 @@ __global__ void __launch_bounds__(COMBINE_WARPS * 32) combine_kernel(const Decod
   for (int s0 = first; live && s0 < S; s0 += STEP, ml += STEP, o += STEP * D) {
     float2 part_ml[BATCH];
     float part_o[BATCH];
-    // the outputs' loads first, then the maxima's, in program order: all of them go out before the maxima are used (as
-    // plain loads ptxas spread the outputs' among the exps, two round trips; 1.00-1.03x, kernel_h200_ab_combine_volatile.json)
+    // the outputs' loads first, then the maxima's (see above; kernel_h200_ab_combine_volatile.json)
 #pragma unroll
     for (int k = 0; k < BATCH; ++k) part_o[k] = load_volatile(o + k * PER_ITEM * D);
 #pragma unroll
