@@ -71,6 +71,10 @@ namespace {
 #ifndef TT_FIRST_AHEAD
 #define TT_FIRST_AHEAD 1  // chunks a warp asks for before it attends the window (the rest of the TT_STAGES - 1 ahead
 #endif                    // right after)
+#ifndef TT_HALF_FOLD
+#define TT_HALF_FOLD 1  // 1: fp16 calls at head_dim <= 128 fold a key block's scales into a hi + lo query staged once per
+#endif                  //    block, in fp16 pairs (one multiply and two fused multiply-adds per pair), and sum its zeros'
+                        //    bias on tensor cores; 0: every number in fp32, as bf16 calls and head_dim 256 do
 #ifndef TT_PDL
 #define TT_PDL 1  // 1: the combine kernel is launched programmatically (Hopper's PDL): the split kernel lets it launch at
 #endif            //    once, its blocks start as split blocks leave and wait on the device for the split kernel's end
@@ -311,6 +315,11 @@ template <int BITS> __host__ __device__ constexpr int key_shift(int i) {
   return !KEY_INPLACE ? 0 : BITS == 2 ? 6 * (key_raw<2>(i) / 6) : (key_raw<BITS>(i) & 8);
 }
 template <int BITS> __host__ __device__ constexpr int key_pos(int i) { return KEY_INPLACE ? key_raw<BITS>(i) - key_shift<BITS>(i) : 0; }
+template <int BITS> __host__ __device__ constexpr int key_top() {  // the highest key_pos (4, 4 or 6 at 2, 3 or 4 bits)
+  int top = 0;
+  for (int i = 0; i < 16; ++i) top = key_pos<BITS>(i) > top ? key_pos<BITS>(i) : top;
+  return top;
+}
 
 template <int BITS>
 __device__ __forceinline__ uint32_t key_pair(const uint32_t* w, int i) {
@@ -480,6 +489,29 @@ __device__ __forceinline__ void pack16_split(float a, float b, uint32_t& hi, uin
   lo = pack16<BF16>(a - to_float(uint16_t(hi), BF16), b - to_float(uint16_t(hi >> 16), BF16));
 }
 
+// TT_HALF_FOLD: the pairs of the query that meet key pair i of a lane's slice (key_pair_channels), times the softmax
+// scale * log2(e) and the pair's KEY_GAIN / 2^key_pos, as fp16 hi and lo parts (pack16_split: about 22 bits), for every
+// lane's head (gid) and slice (tig). Word [k-step i / 2][lane][i % 2][hi, lo]: the 16 bytes of a lane's k-step are one
+// load (conflict-free across the warp) and, as they lie, the A operand of the bias mma (rows gid: hi, gid + 8: lo).
+template <int D, int KB>
+__device__ __forceinline__ void stage_folded_query(const DecodeParams& p, const uint16_t* qs, uint32_t* qf) {
+  constexpr int NP = D / 8, SEGK = D / 4;
+#pragma unroll
+  for (int u = threadIdx.x; u < 32 * NP; u += WARPS * 32) {
+    const int ln = u & 31, i = u >> 5, h = ln >> 2, t = ln & 3;
+    int c0, c1;
+    key_pair_channels<KB>(i, c0, c1);
+    const float gain = float(KEY_GAIN) / float(1 << key_pos<KB>(i)) * p.scale_log2;
+    const uint16_t* q = qs + h * D + t * SEGK;
+    uint32_t hi, lo;
+    pack16_split<false>(__half2float(__ushort_as_half(q[c0])) * gain, __half2float(__ushort_as_half(q[c1])) * gain, hi, lo);
+    const int w = ((i >> 1) * 32 + ln) * 4 + (i & 1) * 2;
+    qf[w] = hi;
+    qf[w + 1] = lo;
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {  // four 8x8 16-bit tiles, mma's A layout
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
@@ -603,7 +635,7 @@ __device__ __forceinline__ void window_tiles(const DecodeParams& p, const uint16
 // ([token][group]: room for the call's value groups, so a stage's size is the call's). Each region is one bulk copy.
 // Beside the stages, each warp has two slots for key blocks' scale and zero rows (block t's in slot t & 1, copied with
 // the block's first chunk, or with the warp's first chunk inside it). Shared memory of a block: the query (16-bit),
-// the key row slots, the stages' mbarriers, then the stages.
+// (the hi + lo query of TT_HALF_FOLD,) the key row slots, the stages' mbarriers, then the stages.
 template <int D, int KB, int VB>
 struct Stage {
   static constexpr int CH = CHUNK_TOKENS, KR = D * KB / 8, VR = D * VB / 8;  // tokens, bytes per key/value row
@@ -613,9 +645,14 @@ struct Stage {
   __host__ __device__ static constexpr int bytes(int vgroups) { return META + 2 * meta_bytes(vgroups); }
 };
 template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HEADS * D * 2; }
+// (TT_HALF_FOLD) the query's hi + lo parts in the lanes' pair order, D / 8 pairs per lane: not at head_dim 256, whose
+// 8 KB more would leave room for one block per multiprocessor instead of two
+template <int D> __host__ __device__ constexpr bool half_fold() { return TT_HALF_FOLD && D <= 128; }
+template <int D> __host__ __device__ constexpr int folded_query_bytes() { return half_fold<D>() ? 2 * (D / 8) * 32 * 4 : 0; }
+template <int D> __host__ __device__ constexpr int key_rows_offset() { return query_bytes<D>() + folded_query_bytes<D>(); }
 template <int D> __host__ __device__ constexpr int key_rows_bytes() { return WARPS * 2 * 4 * D; }  // 2 slots per warp
 constexpr int BARRIER_BYTES = (WARPS * TT_STAGES * 8 + 127) / 128 * 128;                           // an mbarrier per stage
-template <int D> __host__ __device__ constexpr int stages_offset() { return query_bytes<D>() + key_rows_bytes<D>() + BARRIER_BYTES; }
+template <int D> __host__ __device__ constexpr int stages_offset() { return key_rows_offset<D>() + key_rows_bytes<D>() + BARRIER_BYTES; }
 template <int D, int KB, int VB>
 __host__ __device__ constexpr int shared_bytes(int vgroups) {
   static_assert(TT_STAGES * Stage<D, KB, VB>::bytes(1) >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
@@ -669,8 +706,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // have landed. Only __syncwarp is needed: no warp reads another warp's stages.
   extern __shared__ __align__(128) uint8_t shared_raw[];
   uint16_t* qs = reinterpret_cast<uint16_t*>(shared_raw);
-  uint8_t* key_rows = shared_raw + query_bytes<D>() + warp * 2 * 4 * D;  // this warp's two slots
-  uint64_t* landed = reinterpret_cast<uint64_t*>(shared_raw + query_bytes<D>() + key_rows_bytes<D>()) + warp * TT_STAGES;
+  uint32_t* qf = reinterpret_cast<uint32_t*>(shared_raw + query_bytes<D>());  // (half_fold) the hi + lo query
+  uint8_t* key_rows = shared_raw + key_rows_offset<D>() + warp * 2 * 4 * D;  // this warp's two slots
+  uint64_t* landed = reinterpret_cast<uint64_t*>(shared_raw + key_rows_offset<D>() + key_rows_bytes<D>()) + warp * TT_STAGES;
   const int stage_bytes = St::bytes(vgroups);
   uint8_t* stages = shared_raw + stages_offset<D>() + warp * TT_STAGES * stage_bytes;
   if (TT_USE_BULK && lane == 0) {
@@ -730,6 +768,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   for (int i = 0; i < TT_FIRST_AHEAD; ++i) issue_next();
   stamp_split(7);  // 7 (out of order) the first chunks' copies asked for
   stage_query<D>(query, qs);
+  if (half_fold<D>() && !bf16) stage_folded_query<D, KB>(p, qs, qf);
   stamp_split(1);  // 1 query staged
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -817,12 +856,59 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
         }
       }
       };
-      if (bf16) fold_rows(Bool<true>());
-      else fold_rows(Bool<false>());
-      bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
-      bias_part = (bias_part + __shfl_xor_sync(0xffffffffu, bias_part, 2)) * p.scale_log2;
-      bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
-      bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
+      if (half_fold<D>() && !bf16) {
+        // fp16 (TT_HALF_FOLD): the staged query q (hi + lo, softmax scale and gain in) times the scales s in fp16 pairs:
+        // hi = q_hi s rounded, then lo = q_lo s + (q_hi s - hi), each fused multiply-add rounding once: about 22 bits,
+        // as in fp32. The bias sum_c q_c z_c on tensor cores, one mma per k-step: A the staged query (rows gid: its hi
+        // part, gid + 8: its lo part), B the zeros in every column, each pair's times 2^(key_pos - top) (exact, and
+        // never above the stored zeros) to cancel the query's 2^-key_pos; this lane's rows give head gid's bias.
+        constexpr int TOP = key_top<KB>();
+        float bq[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* qf4 = reinterpret_cast<const uint4*>(qf);
+#pragma unroll
+        for (int j = 0; j < SEGK / 16; ++j) {
+          const int ch0 = tig * SEGK + 16 * j;
+          uint32_t sa[8], za[8];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint4 sv = reinterpret_cast<const uint4*>(key_scale_row + ch0)[h];
+            const uint4 zv = reinterpret_cast<const uint4*>(key_zero_row + ch0)[h];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) { sa[4 * h + k] = word_of(sv, k); za[4 * h + k] = word_of(zv, k); }
+          }
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            const uint4 q4 = qf4[(4 * j + kk) * 32 + lane];  // pairs 2kk, 2kk + 1 of this j: hi, lo, hi, lo
+            uint32_t zp[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int i = 8 * j + 2 * kk + e;
+              int c0, c1;
+              key_pair_channels<KB>(i, c0, c1);
+              c0 -= 16 * j; c1 -= 16 * j;
+              const uint32_t pick = (c0 & 1 ? 0x32u : 0x10u) | (c1 & 1 ? 0x7600u : 0x5400u);  // halves c0 and c1
+              const __half2 s2 = bits_h2(__byte_perm(sa[c0 >> 1], sa[c1 >> 1], pick));
+              const __half2 qhi = bits_h2(word_of(q4, 2 * e)), hi = __hmul2(qhi, s2);
+              qh[i] = h2_bits(hi);
+              ql[i] = h2_bits(__hfma2(bits_h2(word_of(q4, 2 * e + 1)), s2, __hfma2(qhi, s2, __hneg2(hi))));
+              const uint32_t z2 = __byte_perm(za[c0 >> 1], za[c1 >> 1], pick);
+              zp[e] = key_pos<KB>(i) == TOP ? z2 : h2_bits(__hmul2(bits_h2(z2), __float2half2_rn(1.f / float(1 << (TOP - key_pos<KB>(i))))));
+            }
+            mma16816(bq, q4.x, q4.y, q4.z, q4.w, zp[0], zp[1]);
+          }
+        }
+        constexpr float unscale = float(1 << TOP) / float(KEY_GAIN);
+        const float head_bias = (bq[0] + bq[2]) * unscale;              // head gid (bq[1], bq[3]: the same again)
+        bias[0] = __shfl_sync(0xffffffffu, head_bias, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
+        bias[1] = __shfl_sync(0xffffffffu, head_bias, 8 * tig + 4);  // head 2*tig + 1
+      } else {
+        if (bf16) fold_rows(Bool<true>());
+        else fold_rows(Bool<false>());
+        bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
+        bias_part = (bias_part + __shfl_xor_sync(0xffffffffu, bias_part, 2)) * p.scale_log2;
+        bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
+        bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
+      }
     }
     // the value scales and zeros of this chunk's tokens, as two halves (see meta_at); bf16 ones become fp16 (non-fold:
     // the dequantization is fp16 arithmetic)
