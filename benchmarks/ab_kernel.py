@@ -3,6 +3,7 @@
     python benchmarks/ab_kernel.py --baseline d1fd665                 # that revision's cuda/ sources, exported with git
     python benchmarks/ab_kernel.py --baseline-dir /tmp/other_cuda     # a folder with another decode_attention.{cpp,cu,h}
     python benchmarks/ab_kernel.py --baseline d1fd665 --bits 4/2      # caches of other bits (4/4 unless told)
+    python benchmarks/ab_kernel.py --baseline d1fd665 --dtype bfloat16  # a bf16 model's query and cache (else fp16)
     python benchmarks/ab_kernel.py --baseline d1fd665 --note "what changed"  # kept in the JSON, printed by 08_cuda
     python benchmarks/ab_kernel.py --baseline d1fd665 --configs qwen2.5-7b:1:16384,llama3-8b:1:65536  # other shapes
     python benchmarks/ab_kernel.py --baseline d1fd665 --variant s4=TT_STAGES=4 --variant nofold=TT_FOLD=0  # more builds
@@ -67,11 +68,12 @@ def attend(ext, q, h):
                                 h.window_keys, h.window_values, None, None, h.key_bits, h.value_bits, q.shape[-1] ** -0.5, False)
 
 
-def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
+def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4), dtype=torch.float16):
     Hq, Hkv, D = SHAPES[shape]
-    first = random_history(B, Hkv, D, context, *bits)
-    layers = [first] + [random_history(B, Hkv, D, context, *bits) for _ in range(layer_count(first.nbytes()) - 1)]
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
+    first = random_history(B, Hkv, D, context, *bits, dtype=dtype)
+    more = layer_count(first.nbytes()) - 1
+    layers = [first] + [random_history(B, Hkv, D, context, *bits, dtype=dtype) for _ in range(more)]
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
     outs = {name: attend(ext, q, first).float() for name, ext in kernels.items()}
     base = outs["baseline"]
     times = {name: [] for name in kernels}
@@ -79,7 +81,8 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4)):
         for name, ext in kernels.items():
             times[name].append(per_layer_us([lambda h=h, ext=ext: attend(ext, q, h) for h in layers], reps))
     best = {name: min(t) for name, t in times.items()}
-    return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", layers=len(layers), us=times,
+    return dict(shape=shape, batch=B, context=context, bits=f"K{bits[0]}/V{bits[1]}", dtype=str(dtype).split(".")[-1],
+                layers=len(layers), us=times,
                 best_us=best,
                 baseline_over_this=best["baseline"] / best["this"],
                 baseline_over={name: best["baseline"] / t for name, t in best.items()
@@ -99,6 +102,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bits", default="4/4", help="key/value bits of the caches, e.g. 4/2")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
+                    help="the query's and the cache's 16-bit type")
     ap.add_argument("--note", help="what the two kernels are, kept in the JSON (08_cuda prints it)")
     ap.add_argument("--configs", default=None, help="shape:batch:context instead of the nine, e.g. llama3-8b:1:16384")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=MACROS",
@@ -119,9 +124,10 @@ def main():
     copy_bw = copy_GBps(args.reps)
     rows = []
     for shape, B, context in configs:
-        r = compare(kernels, shape, B, context, args.reps, args.rounds, copy_bw, bits)
+        r = compare(kernels, shape, B, context, args.reps, args.rounds, copy_bw, bits, getattr(torch, args.dtype))
         rows.append(r)
-        print(f"{shape:11} B={B:2} ctx={context:6} K{bits[0]}/V{bits[1]}: baseline {r['best_us']['baseline']:7.1f} us, "
+        print(f"{shape:11} B={B:2} ctx={context:6} K{bits[0]}/V{bits[1]} {args.dtype}: "
+              f"baseline {r['best_us']['baseline']:7.1f} us, "
               f"this {r['best_us']['this']:7.1f} us "
               f"-> baseline/this {r['baseline_over_this']:.3f} (this: {r['fraction_of_copy']['this']:.2f} of copy); "
               f"outputs differ by {r['max_rel_difference']:.1e}"

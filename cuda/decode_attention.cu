@@ -72,9 +72,9 @@ namespace {
 #define TT_FIRST_AHEAD 1  // chunks a warp asks for before it attends the window (the rest of the TT_STAGES - 1 ahead
 #endif                    // right after)
 #ifndef TT_HALF_FOLD
-#define TT_HALF_FOLD 1  // 1: fp16 calls at head_dim <= 128 fold a key block's scales into a hi + lo query staged once per
-#endif                  //    block, in fp16 pairs (one multiply and two fused multiply-adds per pair), and sum its zeros'
-                        //    bias on tensor cores; 0: every number in fp32, as bf16 calls and head_dim 256 do
+#define TT_HALF_FOLD 1  // 1: at head_dim <= 128 a key block's scales fold into a hi + lo query staged once per block, in
+#endif                  //    fp16 pairs (one multiply and two fused multiply-adds per pair), and its zeros' bias is summed
+                        //    on tensor cores; 0: every number in fp32, as head_dim 256 does
 #ifndef TT_PDL
 #define TT_PDL 1  // 1: the combine kernel is launched programmatically (Hopper's PDL): the split kernel lets it launch at
 #endif            //    once, its blocks start as split blocks leave and wait on the device for the split kernel's end
@@ -504,7 +504,7 @@ __device__ __forceinline__ void stage_folded_query(const DecodeParams& p, const 
     const float gain = float(KEY_GAIN) / float(1 << key_pos<KB>(i)) * p.scale_log2;
     const uint16_t* q = qs + h * D + t * SEGK;
     uint32_t hi, lo;
-    pack16_split<false>(__half2float(__ushort_as_half(q[c0])) * gain, __half2float(__ushort_as_half(q[c1])) * gain, hi, lo);
+    pack16_split<false>(to_float(q[c0], p.is_bf16) * gain, to_float(q[c1], p.is_bf16) * gain, hi, lo);
     const int w = ((i >> 1) * 32 + ln) * 4 + (i & 1) * 2;
     qf[w] = hi;
     qf[w + 1] = lo;
@@ -768,7 +768,7 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   for (int i = 0; i < TT_FIRST_AHEAD; ++i) issue_next();
   stamp_split(7);  // 7 (out of order) the first chunks' copies asked for
   stage_query<D>(query, qs);
-  if (half_fold<D>() && !bf16) stage_folded_query<D, KB>(p, qs, qf);
+  if (half_fold<D>()) stage_folded_query<D, KB>(p, qs, qf);
   stamp_split(1);  // 1 query staged
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -856,14 +856,28 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
         }
       }
       };
-      if (half_fold<D>() && !bf16) {
-        // fp16 (TT_HALF_FOLD): the staged query q (hi + lo, softmax scale and gain in) times the scales s in fp16 pairs:
+      if (half_fold<D>()) {
+        // TT_HALF_FOLD: the staged query q (hi + lo, softmax scale and gain in) times the scales s in fp16 pairs:
         // hi = q_hi s rounded, then lo = q_lo s + (q_hi s - hi), each fused multiply-add rounding once: about 22 bits,
         // as in fp32. The bias sum_c q_c z_c on tensor cores, one mma per k-step: A the staged query (rows gid: its hi
         // part, gid + 8: its lo part), B the zeros in every column, each pair's times 2^(key_pos - top) (exact, and
-        // never above the stored zeros) to cancel the query's 2^-key_pos; this lane's rows give head gid's bias.
+        // never above the stored zeros) to cancel the query's 2^-key_pos; this lane's rows give head gid's bias. A bf16
+        // model's scales and zeros become fp16 first: beyond 65504 they would overflow (as the products of the query and
+        // the scales already did in the fp32 fold), below 6e-5 they keep 2^-24 absolute.
         constexpr int TOP = key_top<KB>();
         float bq[4] = {0.f, 0.f, 0.f, 0.f};
+        auto half_fold_rows = [&](auto dtype) {
+        constexpr bool bf16 = decltype(dtype)::value;
+        // the halves c0 and c1 of the 16-bit numbers in w as an fp16 pair
+        auto pair = [](const uint32_t (&w)[8], int c0, int c1) -> uint32_t {
+          if constexpr (bf16) {
+            const float f0 = __uint_as_float(__byte_perm(w[c0 >> 1], 0u, c0 & 1 ? 0x3244u : 0x1044u));
+            const float f1 = __uint_as_float(__byte_perm(w[c1 >> 1], 0u, c1 & 1 ? 0x3244u : 0x1044u));
+            return h2_bits(__floats2half2_rn(f0, f1));
+          } else {
+            return __byte_perm(w[c0 >> 1], w[c1 >> 1], (c0 & 1 ? 0x32u : 0x10u) | (c1 & 1 ? 0x7600u : 0x5400u));
+          }
+        };
         const uint4* qf4 = reinterpret_cast<const uint4*>(qf);
 #pragma unroll
         for (int j = 0; j < SEGK / 16; ++j) {
@@ -886,17 +900,19 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
               int c0, c1;
               key_pair_channels<KB>(i, c0, c1);
               c0 -= 16 * j; c1 -= 16 * j;
-              const uint32_t pick = (c0 & 1 ? 0x32u : 0x10u) | (c1 & 1 ? 0x7600u : 0x5400u);  // halves c0 and c1
-              const __half2 s2 = bits_h2(__byte_perm(sa[c0 >> 1], sa[c1 >> 1], pick));
+              const __half2 s2 = bits_h2(pair(sa, c0, c1));
               const __half2 qhi = bits_h2(word_of(q4, 2 * e)), hi = __hmul2(qhi, s2);
               qh[i] = h2_bits(hi);
               ql[i] = h2_bits(__hfma2(bits_h2(word_of(q4, 2 * e + 1)), s2, __hfma2(qhi, s2, __hneg2(hi))));
-              const uint32_t z2 = __byte_perm(za[c0 >> 1], za[c1 >> 1], pick);
+              const uint32_t z2 = pair(za, c0, c1);
               zp[e] = key_pos<KB>(i) == TOP ? z2 : h2_bits(__hmul2(bits_h2(z2), __float2half2_rn(1.f / float(1 << (TOP - key_pos<KB>(i))))));
             }
             mma16816(bq, q4.x, q4.y, q4.z, q4.w, zp[0], zp[1]);
           }
         }
+        };
+        if (bf16) half_fold_rows(Bool<true>());
+        else half_fold_rows(Bool<false>());
         constexpr float unscale = float(1 << TOP) / float(KEY_GAIN);
         const float head_bias = (bq[0] + bq[2]) * unscale;              // head gid (bq[1], bq[3]: the same again)
         bias[0] = __shfl_sync(0xffffffffu, head_bias, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
