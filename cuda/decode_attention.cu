@@ -72,9 +72,9 @@ namespace {
 #define TT_FIRST_AHEAD 1  // chunks a warp asks for before it attends the window (the rest of the TT_STAGES - 1 ahead
 #endif                    // right after)
 #ifndef TT_HALF_FOLD
-#define TT_HALF_FOLD 1  // 1: at head_dim <= 128 a key block's scales fold into a hi + lo query staged once per block, in
-#endif                  //    fp16 pairs (one multiply and two fused multiply-adds per pair), and its zeros' bias is summed
-                        //    on tensor cores; 0: every number in fp32, as head_dim 256 does
+#define TT_HALF_FOLD 1  // 1: at head_dim <= 128 a key block's scales fold into a hi + lo query staged once per block,
+#endif                  //    in fp16 pairs (one multiply and two fused multiply-adds per pair), and its zeros' bias is
+                        //    summed on tensor cores; 0: every number in fp32, as head_dim 256 does
 #ifndef TT_PDL
 #define TT_PDL 1  // 1: the combine kernel is launched programmatically (Hopper's PDL): the split kernel lets it launch at
 #endif            //    once, its blocks start as split blocks leave and wait on the device for the split kernel's end
@@ -315,7 +315,7 @@ template <int BITS> __host__ __device__ constexpr int key_shift(int i) {
   return !KEY_INPLACE ? 0 : BITS == 2 ? 6 * (key_raw<2>(i) / 6) : (key_raw<BITS>(i) & 8);
 }
 template <int BITS> __host__ __device__ constexpr int key_pos(int i) { return KEY_INPLACE ? key_raw<BITS>(i) - key_shift<BITS>(i) : 0; }
-template <int BITS> __host__ __device__ constexpr int key_top() {  // the highest key_pos (4, 4 or 6 at 2, 3 or 4 bits)
+template <int BITS> __host__ __device__ constexpr int key_top() {  // the highest key_pos (4, 6, 4 at 2, 3, 4 bits)
   int top = 0;
   for (int i = 0; i < 16; ++i) top = key_pos<BITS>(i) > top ? key_pos<BITS>(i) : top;
   return top;
@@ -648,11 +648,15 @@ template <int D> __host__ __device__ constexpr int query_bytes() { return MAX_HE
 // (TT_HALF_FOLD) the query's hi + lo parts in the lanes' pair order, D / 8 pairs per lane: not at head_dim 256, whose
 // 8 KB more would leave room for one block per multiprocessor instead of two
 template <int D> __host__ __device__ constexpr bool half_fold() { return TT_HALF_FOLD && D <= 128; }
-template <int D> __host__ __device__ constexpr int folded_query_bytes() { return half_fold<D>() ? 2 * (D / 8) * 32 * 4 : 0; }
-template <int D> __host__ __device__ constexpr int key_rows_offset() { return query_bytes<D>() + folded_query_bytes<D>(); }
+template <int D> __host__ __device__ constexpr int folded_query_bytes() { return half_fold<D>() ? 32 * D : 0; }
+template <int D> __host__ __device__ constexpr int key_rows_offset() {
+  return query_bytes<D>() + folded_query_bytes<D>();
+}
 template <int D> __host__ __device__ constexpr int key_rows_bytes() { return WARPS * 2 * 4 * D; }  // 2 slots per warp
 constexpr int BARRIER_BYTES = (WARPS * TT_STAGES * 8 + 127) / 128 * 128;                           // an mbarrier per stage
-template <int D> __host__ __device__ constexpr int stages_offset() { return key_rows_offset<D>() + key_rows_bytes<D>() + BARRIER_BYTES; }
+template <int D> __host__ __device__ constexpr int stages_offset() {
+  return key_rows_offset<D>() + key_rows_bytes<D>() + BARRIER_BYTES;
+}
 template <int D, int KB, int VB>
 __host__ __device__ constexpr int shared_bytes(int vgroups) {
   static_assert(TT_STAGES * Stage<D, KB, VB>::bytes(1) >= MAX_HEADS * (D + 2) * 4, "the stages hold the merge buffers after the loop");
@@ -708,7 +712,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   uint16_t* qs = reinterpret_cast<uint16_t*>(shared_raw);
   uint32_t* qf = reinterpret_cast<uint32_t*>(shared_raw + query_bytes<D>());  // (half_fold) the hi + lo query
   uint8_t* key_rows = shared_raw + key_rows_offset<D>() + warp * 2 * 4 * D;  // this warp's two slots
-  uint64_t* landed = reinterpret_cast<uint64_t*>(shared_raw + key_rows_offset<D>() + key_rows_bytes<D>()) + warp * TT_STAGES;
+  uint64_t* landed =
+      reinterpret_cast<uint64_t*>(shared_raw + key_rows_offset<D>() + key_rows_bytes<D>()) + warp * TT_STAGES;
   const int stage_bytes = St::bytes(vgroups);
   uint8_t* stages = shared_raw + stages_offset<D>() + warp * TT_STAGES * stage_bytes;
   if (TT_USE_BULK && lane == 0) {
@@ -856,16 +861,17 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
         }
       }
       };
+      float head_bias;  // this lane's head's (gid)
       if (half_fold<D>()) {
         // TT_HALF_FOLD: the staged query q (hi + lo, softmax scale and gain in) times the scales s in fp16 pairs:
         // hi = q_hi s rounded, then lo = q_lo s + (q_hi s - hi), each fused multiply-add rounding once: about 22 bits,
         // as in fp32. The bias sum_c q_c z_c on tensor cores, one mma per k-step: A the staged query (rows gid: its hi
         // part, gid + 8: its lo part), B the zeros in every column, each pair's times 2^(key_pos - top) (exact, and
-        // never above the stored zeros) to cancel the query's 2^-key_pos; this lane's rows give head gid's bias. A bf16
-        // model's scales and zeros become fp16 first: beyond 65504 they would overflow (as the products of the query and
-        // the scales already did in the fp32 fold), below 6e-5 they keep 2^-24 absolute.
+        // never above the stored zeros) to cancel the query's 2^-key_pos; this lane's rows give head gid's bias. A
+        // bf16 model's scales and zeros become fp16 first: beyond 65504 they would overflow (as the products of the
+        // query and the scales already did in the fp32 fold), below 6e-5 they keep 2^-24 absolute.
         constexpr int TOP = key_top<KB>();
-        float bq[4] = {0.f, 0.f, 0.f, 0.f};
+        float bq[4] = {0.f, 0.f, 0.f, 0.f};  // rows gid and gid + 8: head gid's bias from the hi and the lo parts
         auto half_fold_rows = [&](auto dtype) {
         constexpr bool bf16 = decltype(dtype)::value;
         // the halves c0 and c1 of the 16-bit numbers in w as an fp16 pair
@@ -905,7 +911,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
               qh[i] = h2_bits(hi);
               ql[i] = h2_bits(__hfma2(bits_h2(word_of(q4, 2 * e + 1)), s2, __hfma2(qhi, s2, __hneg2(hi))));
               const uint32_t z2 = pair(za, c0, c1);
-              zp[e] = key_pos<KB>(i) == TOP ? z2 : h2_bits(__hmul2(bits_h2(z2), __float2half2_rn(1.f / float(1 << (TOP - key_pos<KB>(i))))));
+              const float down = 1.f / float(1 << (TOP - key_pos<KB>(i)));  // a power of two: exact
+              zp[e] = key_pos<KB>(i) == TOP ? z2 : h2_bits(__hmul2(bits_h2(z2), __float2half2_rn(down)));
             }
             mma16816(bq, q4.x, q4.y, q4.z, q4.w, zp[0], zp[1]);
           }
@@ -913,18 +920,15 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
         };
         if (bf16) half_fold_rows(Bool<true>());
         else half_fold_rows(Bool<false>());
-        constexpr float unscale = float(1 << TOP) / float(KEY_GAIN);
-        const float head_bias = (bq[0] + bq[2]) * unscale;              // head gid (bq[1], bq[3]: the same again)
-        bias[0] = __shfl_sync(0xffffffffu, head_bias, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
-        bias[1] = __shfl_sync(0xffffffffu, head_bias, 8 * tig + 4);  // head 2*tig + 1
+        head_bias = (bq[0] + bq[2]) * (float(1 << TOP) / float(KEY_GAIN));  // (bq[1], bq[3]: the same again)
       } else {
         if (bf16) fold_rows(Bool<true>());
         else fold_rows(Bool<false>());
         bias_part += __shfl_xor_sync(0xffffffffu, bias_part, 1);
-        bias_part = (bias_part + __shfl_xor_sync(0xffffffffu, bias_part, 2)) * p.scale_log2;
-        bias[0] = __shfl_sync(0xffffffffu, bias_part, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
-        bias[1] = __shfl_sync(0xffffffffu, bias_part, 8 * tig + 4);  // head 2*tig + 1
+        head_bias = (bias_part + __shfl_xor_sync(0xffffffffu, bias_part, 2)) * p.scale_log2;
       }
+      bias[0] = __shfl_sync(0xffffffffu, head_bias, 8 * tig);      // head 2*tig lives on lanes 4*(2*tig) + ...
+      bias[1] = __shfl_sync(0xffffffffu, head_bias, 8 * tig + 4);  // head 2*tig + 1
     }
     // the value scales and zeros of this chunk's tokens, as two halves (see meta_at); bf16 ones become fp16 (non-fold:
     // the dequantization is fp16 arithmetic)
