@@ -68,6 +68,11 @@ def attend(ext, q, h):
                                 h.window_keys, h.window_values, None, None, h.key_bits, h.value_bits, q.shape[-1] ** -0.5, False)
 
 
+def relative_difference(out, base):
+    "The largest relative difference between two kernels' outputs, over rows."
+    return ((out - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
+
+
 def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4), dtype=torch.float16):
     Hq, Hkv, D = SHAPES[shape]
     first = random_history(B, Hkv, D, context, *bits, dtype=dtype)
@@ -88,8 +93,8 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4), dtyp
                 baseline_over={name: best["baseline"] / t for name, t in best.items()
                                if name not in ("baseline", "this")},
                 fraction_of_copy={name: first.nbytes() / t / 1e3 / copy_bw for name, t in best.items()},
-                max_rel_difference=((outs["this"] - base).norm(dim=-1) / base.norm(dim=-1)).max().item(),
-                max_rel_differences={name: ((o - base).norm(dim=-1) / base.norm(dim=-1)).max().item()
+                max_rel_difference=relative_difference(outs["this"], base),
+                max_rel_differences={name: relative_difference(o, base)
                                      for name, o in outs.items() if name not in ("baseline", "this")})
 
 

@@ -12,9 +12,10 @@ blocks share their multiprocessor (`by_blocks_per_multiprocessor`, when each gro
 combine kernel stamps its start (with TT_PDL, once its wait is over) and end. %globaltimer's readings scatter by about
 a microsecond (the clocks agree over the loops at ~1.75 GHz on an H200): read short phases in `phase_length_cycles`.
 One eager call after warm-up, on random data (bench_kernel.random_history); `--before` also traces it after L2 is
-evicted (`cold`), or evicted and the cache's tensors read back (`data`: its data in L2 where it fits, the code not). Times are microseconds from the first block's start: when blocks start, when the phases end
-(medians and maxima over blocks), and each phase's length per block from clock64 (the stamps cost a few instructions:
-529 instead of 517 per chunk in the main loop, no spills, by tools/sass_count.py -D TT_TRACE=1).
+evicted (`cold`), or evicted and the cache's tensors read back (`data`: its data in L2 where it fits, the code not).
+Times are microseconds from the first block's start: when blocks start, when the phases end (medians and maxima over
+blocks), and each phase's length per block from clock64 (the stamps cost a few instructions: 529 instead of 517 per
+chunk in the main loop, no spills, by tools/sass_count.py -D TT_TRACE=1).
 """
 import argparse, datetime, json
 from pathlib import Path

@@ -82,7 +82,7 @@ def test_random_shapes():
 @pytest.mark.slow
 @pytest.mark.parametrize("defines", [("TT_STAGES=2", "TT_MT=4"), ("TT_KEY_INPLACE=0", "TT_FOLD=0"),
                                      ("TT_SUBNORMAL=0", "TT_FIRST_AHEAD=0", "TT_WINDOW_SPLIT_TOKENS=0"),
-                                     ("TT_BULK=0", "TT_HALF_FOLD=0")])  # TT_BULK=0: cp.async, the road of GPUs before Hopper
+                                     ("TT_BULK=0", "TT_HALF_FOLD=0")])  # TT_BULK=0: cp.async, as before Hopper
 def test_kernel_variants(defines):
     "The variants kept behind macros (each a separate build) stay correct on a few of the fixed shapes."
     for case in (FIXED[0], FIXED[3], FIXED[4], FIXED[8]):
