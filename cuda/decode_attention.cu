@@ -682,6 +682,10 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
   // the warp's index through a shuffle from lane 0: the compiler then knows it is the same on every lane and keeps what
   // derives from it (the chunk index, the copies' addresses) in uniform registers, as the bulk copies need them
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x >> 5), 0);
+  // the block's first request, the query's loads, before the chunks' addresses are worked out (after them: 0.995-0.999x
+  // the speed on 9 shapes, kernel_h200_ab_query_first.json)
+  QueryLoad<D> query;
+  load_query<D>(p, query);
   const int b = blockIdx.z, hkv = blockIdx.y / p.head_groups, h0 = (blockIdx.y % p.head_groups) * MAX_HEADS;
   const int GH = min(MAX_HEADS, p.G - h0);
   const bool bf16 = p.is_bf16;
@@ -760,11 +764,9 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
     }
     if (!TT_USE_BULK) cp_async_commit();  // a group per call, empty past the end: the wait counts stay uniform
   };
-  // first out: the query's loads and the window's copies (a few KB), then the first chunk's; the next chunks' after the
-  // window is attended (TT_FIRST_AHEAD: asking for fewer bytes at the start brings the first ones sooner, and it was
-  // 1.004-1.026x faster on 9 shapes than asking for two chunks at once, kernel_h200_ab_ahead.json)
-  QueryLoad<D> query;
-  load_query<D>(p, query);
+  // first out (after the query's loads, above): the window's copies (a few KB), then the first chunk's; the next
+  // chunks' after the window is attended (TT_FIRST_AHEAD: asking for fewer bytes at the start brings the first ones
+  // sooner, and it was 1.004-1.026x faster on 9 shapes than asking for two chunks at once, kernel_h200_ab_ahead.json)
   const TokenRange wr = window_range(p, warp);
   uint8_t* window_stage = stages + TT_FIRST_AHEAD * stage_bytes;  // free until the loop's first refills
   const int window_room = (TT_STAGES - TT_FIRST_AHEAD) * stage_bytes / (4 * D);  // rows of keys and of values they hold
