@@ -12,13 +12,15 @@ Two runs on a lent GPU differ by a few percent (the machine, its clocks, the cop
 may gain: a change is judged by timing both kernels here, interleaved, on the same caches. Both are built for head_dim
 128 only (the baseline as its own extension, `tiny_turboquant_ab_<name>`), and called through the binding's Python
 signature, which both must share. Per shape: each kernel's time per layer-step (`bench_kernel.per_layer_us`: `layers`
-calls over distinct random caches, back to back in one CUDA graph), measured `--rounds` times in turn and the fastest
-kept, the ratio baseline / this (above 1: this checkout is faster), the fraction of the device-to-device copy bandwidth
-measured in the same run, and the largest relative difference between the two kernels' outputs (each `--variant`,
-a build of this checkout with other macros, is timed in the same rounds: `baseline_over` and `max_rel_differences`
-per row). Two builds of the
-same sources came out 0.996-1.004x of each other on an H200 (kernel_h200_ab_identical.json): the resolution of a run.
-Writes benchmarks/results/kernel_h200_ab.json unless told otherwise.
+calls over distinct random caches, back to back in one CUDA graph), measured `--rounds` times in turn, after one round
+that is not kept, and the fastest kept, the ratio baseline / this (above 1: this checkout is faster), the fraction of
+the device-to-device copy bandwidth measured in the same run, and the largest relative difference between the two
+kernels' outputs (each `--variant`, a build of this checkout with other macros, is timed in the same rounds:
+`baseline_over` and `max_rel_differences` per row). The round not kept: the first kernel timed in a run came out 1-3%
+fast in its first round (kernel_h200_ab_window_fence.json and the two runs before it). Two builds of the same sources
+came out 0.996-1.004x of each other on an H200 (kernel_h200_ab_identical.json), 1.000-1.002x with that round left out
+(kernel_h200_ab_same.json): the resolution of a run. Writes benchmarks/results/kernel_h200_ab.json unless told
+otherwise.
 """
 import argparse, datetime, json, subprocess, tempfile
 from pathlib import Path
@@ -82,9 +84,7 @@ def compare(kernels, shape, B, context, reps, rounds, copy_bw, bits=(4, 4), dtyp
     outs = {name: attend(ext, q, first).float() for name, ext in kernels.items()}
     base = outs["baseline"]
     times = {name: [] for name in kernels}
-    # in turn, so that a drift of the machine hits both; one round more, first, not kept: the first kernel timed in a run
-    # came out 1-3% fast in its first round (kernel_h200_ab_window_fence.json and the two runs before it)
-    for r in range(rounds + 1):
+    for r in range(rounds + 1):  # in turn, so that a drift of the machine hits both; round 0 not kept (see above)
         for name, ext in kernels.items():
             t = per_layer_us([lambda h=h, ext=ext: attend(ext, q, h) for h in layers], reps)
             if r: times[name].append(t)

@@ -879,9 +879,8 @@ __global__ void __launch_bounds__(WARPS * 32, D == 256 ? 1 : TT_MIN_BLOCKS) quan
         // the halves c0 and c1 of the 16-bit numbers in w as an fp16 pair
         auto pair = [](const uint32_t (&w)[8], int c0, int c1) -> uint32_t {
           if constexpr (bf16) {
-            const float f0 = __uint_as_float(__byte_perm(w[c0 >> 1], 0u, c0 & 1 ? 0x3244u : 0x1044u));
-            const float f1 = __uint_as_float(__byte_perm(w[c1 >> 1], 0u, c1 & 1 ? 0x3244u : 0x1044u));
-            return h2_bits(__floats2half2_rn(f0, f1));
+            return pack16<false>(to_float(uint16_t(w[c0 >> 1] >> 16 * (c0 & 1)), true),
+                                 to_float(uint16_t(w[c1 >> 1] >> 16 * (c1 & 1)), true));
           } else {
             return __byte_perm(w[c0 >> 1], w[c1 >> 1], (c0 & 1 ? 0x32u : 0x10u) | (c1 & 1 ? 0x7600u : 0x5400u));
           }
