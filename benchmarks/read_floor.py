@@ -52,19 +52,12 @@ __global__ void read_kernel(const int4* __restrict__ x, int64_t n, int* __restri
   if (a == 0x5bd1e995) sink[0] = a;
 }
 
-// One wave of 128-thread blocks (the fused kernel's grid, `per_sm` blocks per multiprocessor); each warp reads 4 KB
-// pieces (8 loads per lane), the next piece's loads in flight while the last is used (about the kernel's 2 chunks in
-// flight per warp). INTERLEAVED: warp w reads pieces w, w + W, ... (the warps running together read neighbouring
-// bytes); else a contiguous span of n / W pieces each (as the kernel's splits and warps do).
-template <bool INTERLEAVED>
-__global__ void stream_kernel(const int4* __restrict__ x, int64_t n, int* __restrict__ sink) {
-  constexpr int L = 8;
+// A warp reads 4 KB pieces first, first + step, ... below last (8 16-byte loads per lane), the next piece's loads in
+// flight while the last is used, and returns the xor of what it read.
+constexpr int PIECE_LOADS = 8;
+__device__ __forceinline__ int read_pieces(const int4* __restrict__ x, int64_t first, int64_t last, int64_t step) {
+  constexpr int L = PIECE_LOADS;
   const int lane = threadIdx.x & 31;
-  const int64_t W = int64_t(gridDim.x) * (blockDim.x / 32);                     // warps
-  const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;  // this warp
-  const int64_t pieces = n / (32 * L);
-  const int64_t first = INTERLEAVED ? w : pieces * w / W, last = INTERLEAVED ? pieces : pieces * (w + 1) / W;
-  const int64_t step = INTERLEAVED ? W : 1;
   int4 a[L], b[L];
   int acc = 0;
   auto load = [&](int4* v, int64_t piece) {
@@ -83,6 +76,20 @@ __global__ void stream_kernel(const int4* __restrict__ x, int64_t n, int* __rest
     load(a, piece + 2 * step);
     use(b);
   }
+  return acc;
+}
+
+// One wave of 128-thread blocks (the fused kernel's grid, `per_sm` blocks per multiprocessor); each warp reads 4 KB
+// pieces with read_pieces (about the kernel's 2 chunks in flight per warp). INTERLEAVED: warp w reads pieces w, w + W,
+// ... (the warps running together read neighbouring bytes); else a contiguous span of n / W pieces each (as the
+// kernel's splits and warps do).
+template <bool INTERLEAVED>
+__global__ void stream_kernel(const int4* __restrict__ x, int64_t n, int* __restrict__ sink) {
+  const int64_t W = int64_t(gridDim.x) * (blockDim.x / 32);                     // warps
+  const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;  // this warp
+  const int64_t pieces = n / (32 * PIECE_LOADS);
+  const int64_t first = INTERLEAVED ? w : pieces * w / W, last = INTERLEAVED ? pieces : pieces * (w + 1) / W;
+  const int acc = read_pieces(x, first, last, INTERLEAVED ? W : 1);
   if (acc == 0x5bd1e995) sink[0] = acc;
 }
 
@@ -185,29 +192,11 @@ __global__ void __launch_bounds__(128, 3) split_read_kernel(const int4* __restri
 #if __CUDA_ARCH__ >= 900
   if (MODE == 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
-  constexpr int L = 8, C = G * D, PER = C / 32, WARPS = 4;
+  constexpr int C = G * D, PER = C / 32, WARPS = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, S = gridDim.x, row = blockIdx.y, split = blockIdx.x;
   const int64_t W = int64_t(S) * WARPS, w = int64_t(split) * WARPS + warp;
-  const int64_t first = row_pieces * w / W, last = row_pieces * (w + 1) / W;
-  const int4* in = x + int64_t(row) * row_pieces * 32 * L;
-  int4 a[L], b[L];
-  int acc = 0;
-  auto load = [&](int4* v, int64_t piece) {
-#pragma unroll
-    for (int k = 0; k < L; ++k)
-      v[k] = piece < last ? __ldcs(in + piece * 32 * L + 32 * k + lane) : make_int4(0, 0, 0, 0);
-  };
-  auto use = [&](const int4* v) {
-#pragma unroll
-    for (int k = 0; k < L; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
-  };
-  load(a, first);
-  for (int64_t piece = first; piece < last; piece += 2) {
-    load(b, piece + 1);
-    use(a);
-    load(a, piece + 2);
-    use(b);
-  }
+  const int acc = read_pieces(x + int64_t(row) * row_pieces * 32 * PIECE_LOADS, row_pieces * w / W,
+                              row_pieces * (w + 1) / W, 1);
   __shared__ float states[WARPS][C];
   __shared__ float maxima[WARPS][G];
 #pragma unroll
