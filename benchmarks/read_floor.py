@@ -125,6 +125,14 @@ void read_bytes(torch::Tensor x, torch::Tensor sink, int64_t loads, bool span, i
   }
 }
 
+// Move the running max M to cover a state whose max is m2: the factors for the sums so far and for that state's.
+__device__ __forceinline__ float2 rescale(float& M, float m2) {
+  const float m = fmaxf(M, m2);
+  const float2 f = make_float2(exp2f(M - m), exp2f(m2 - m));
+  M = m;
+  return f;
+}
+
 // Merge the partials into the outputs: an item is 32 channels of one head, a lane each; PER_ITEM warps of a block share
 // its partials, each every PER_ITEM-th one, 16 partials' loads in flight at a time, then merge in shared memory.
 // Block `block` of WARPS warps takes items block * WARPS / per_item onwards.
@@ -149,8 +157,8 @@ __device__ void merge_items(const float* __restrict__ part_o, const float2* __re
 #pragma unroll
       for (int k = 0; k < BATCH; ++k) {
         if (s0 + k * per_item >= S) continue;
-        const float m = fmaxf(M, pml[k].x), r = exp2f(M - m), e = exp2f(pml[k].x - m);
-        l = fmaf(l, r, e * pml[k].y); o = fmaf(o, r, e * po[k]); M = m;
+        const float2 f = rescale(M, pml[k].x);
+        l = fmaf(l, f.x, f.y * pml[k].y); o = fmaf(o, f.x, f.y * po[k]);
       }
     }
   }
@@ -159,10 +167,9 @@ __device__ void merge_items(const float* __restrict__ part_o, const float2* __re
   __syncthreads();
   if (first != 0 || item >= items) return;
   for (int v = 1; v < per_item; ++v) {
-    const float m2 = sm[warp + v][0][lane], m = fmaxf(M, m2);
-    if (m == -INFINITY) continue;
-    const float r = exp2f(M - m), e = exp2f(m2 - m);
-    l = fmaf(l, r, e * sm[warp + v][1][lane]); o = fmaf(o, r, e * sm[warp + v][2][lane]); M = m;
+    if (fmaxf(M, sm[warp + v][0][lane]) == -INFINITY) continue;
+    const float2 f = rescale(M, sm[warp + v][0][lane]);
+    l = fmaf(l, f.x, f.y * sm[warp + v][1][lane]); o = fmaf(o, f.x, f.y * sm[warp + v][2][lane]);
   }
   out[int64_t(row) * C + c] = o / l;
 }
@@ -268,10 +275,10 @@ __global__ void __launch_bounds__(128, 3) split_read_kernel(const int4* __restri
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
         if (s0 + k >= S) continue;
-        const float m = fmaxf(M[j], pml[k][j].x), r = exp2f(M[j] - m), e = exp2f(pml[k][j].x - m);
-        l[j] = fmaf(l[j], r, e * pml[k][j].y); M[j] = m;
-        o[j].x = fmaf(o[j].x, r, e * po[k][j].x); o[j].y = fmaf(o[j].y, r, e * po[k][j].y);
-        o[j].z = fmaf(o[j].z, r, e * po[k][j].z); o[j].w = fmaf(o[j].w, r, e * po[k][j].w);
+        const float2 f = rescale(M[j], pml[k][j].x);
+        l[j] = fmaf(l[j], f.x, f.y * pml[k][j].y);
+        o[j].x = fmaf(o[j].x, f.x, f.y * po[k][j].x); o[j].y = fmaf(o[j].y, f.x, f.y * po[k][j].y);
+        o[j].z = fmaf(o[j].z, f.x, f.y * po[k][j].z); o[j].w = fmaf(o[j].w, f.x, f.y * po[k][j].w);
       }
   }
 #pragma unroll
