@@ -2,6 +2,7 @@
 import random
 import pytest
 import torch
+from tiny_turboquant.models import cache_kwargs
 from tiny_turboquant.window import CompressedKV
 from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports
 from forced import forced_logits
@@ -169,7 +170,8 @@ def test_generation_matches_pytorch_path():
     prompt, steps = 300, 100
     ids = torch.randint(0, 1000, (2, prompt), device="cuda")
     def greedy(fused):
-        out = model.generate(ids, past_key_values=TinyKVCache.for_model(model, fused_attention=fused), do_sample=False,
+        cache = TinyKVCache.for_model(model, fused_attention=fused)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), do_sample=False,
                              max_new_tokens=steps, min_new_tokens=steps, output_scores=True, return_dict_in_generate=True)
         return out.sequences, torch.stack(out.scores, 1).float()
     t_plain, s_plain = greedy(False)
