@@ -7,7 +7,7 @@ from tiny_turboquant.window import CompressedKV
 from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tiny_turboquant.cache import TinyKVCache
-from forced import check_fused_generation, forced_logits, text_prompts
+from forced import check_fused_generation, counted_launches, forced_logits, greedy, text_prompts
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TOLERANCE = 2e-3
@@ -156,6 +156,23 @@ def test_fixed_window_length_is_read_on_the_device():
         h.write_fixed(last_k, last_v)
         out = fused_decode_attention(q, h, out_dtype=torch.float32)
         assert relative_error(out, want) < TOLERANCE, (tokens, D, relative_error(out, want))
+
+
+def test_default_keeps_the_pytorch_path_where_the_kernel_cannot_run(monkeypatch):
+    "On a GPU the kernel cannot run on (faked here: a Turing GPU), the default cache says why and decodes without it."
+    from tiny_turboquant import kernel
+    from tiny_turboquant.models import tiny_model
+    assert kernel.kernel_unavailable(torch.cuda.current_device()) is None  # this GPU can: the default takes the kernel
+    model = tiny_model("llama", num_layers=2).to("cuda", torch.float16)
+    assert all(layer.fused for layer in TinyKVCache.for_model(model).layers)
+    turing = "compute capability 7.5 (the kernel needs 8.0 or newer: mma.sync m16n8k16)"
+    monkeypatch.setattr(kernel, "kernel_unavailable", lambda device_index=None: turing)
+    model = tiny_model("llama", num_layers=2).to("cuda", torch.float16)
+    with pytest.warns(UserWarning, match="PyTorch path .* compute capability 7.5"): cache = TinyKVCache.for_model(model)
+    assert not any(layer.fused for layer in cache.layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), device="cuda")
+    with counted_launches() as launches: greedy(model, ids, cache, 5)
+    assert launches[0] == 0
 
 
 def test_generation_matches_pytorch_path():

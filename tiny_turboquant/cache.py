@@ -188,6 +188,11 @@ def _for_model(cls, model, compression=None, fused_attention=None, **kwargs):
     if "chunked_attention" in types: sliding = getattr(config, "attention_chunk_size", sliding)
     if fused_attention is None:  # default: the fused kernel wherever it can run
         fused_attention = model.device.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
+        if fused_attention:
+            from tiny_turboquant.kernel import kernel_unavailable  # 08_cuda
+            if why := kernel_unavailable(model.device.index):
+                warnings.warn(f"TinyKVCache decodes through its PyTorch path (dequantize + SDPA), not the fused kernel: {why}")
+                fused_attention = False
     if fused_attention:
         from tiny_turboquant.kernel import use_fused_attention  # 08_cuda; imported late, it imports this module's deps
         use_fused_attention(model)
