@@ -56,7 +56,7 @@ def build_kernel(verbose=False, defines=()):
     "Compile (once, cached) and return the extension module holding `decode_attention`; `defines` select kernel variants."
     defines = tuple(defines)
     if defines in _EXTENSIONS: return _EXTENSIONS[defines]
-    if why := kernel_unavailable(torch.cuda.current_device() if torch.cuda.is_available() else None):
+    if why := kernel_unavailable():
         raise RuntimeError(f"the fused decode kernel cannot run here: {why}; "
                            "TinyKVCache.for_model(model, fused_attention=False) decodes through the PyTorch path")
     from torch.utils import cpp_extension
@@ -77,7 +77,6 @@ def kernel_supports(history:CompressedKV, query):
     "`None` if the fused kernel can attend `query` `[B, Hq, 1, D]` over `history`, else the reason it cannot."
     D = query.shape[-1]
     if not query.is_cuda: return "the query is not on a CUDA device"
-    if why := kernel_unavailable(query.device.index): return why
     if query.dtype not in (torch.float16, torch.bfloat16): return f"dtype {query.dtype} (the kernel takes float16 or bfloat16)"
     if history.window_keys is None or history.window_keys.device != query.device: return "the history is empty or on another device"
     if history.window_keys.dtype != query.dtype: return "the cache and the query have different dtypes"
