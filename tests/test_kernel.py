@@ -158,6 +158,16 @@ def test_fixed_window_length_is_read_on_the_device():
         assert relative_error(out, want) < TOLERANCE, (tokens, D, relative_error(out, want))
 
 
+def test_a_call_builds_only_its_head_dim(monkeypatch):
+    "With no build of every head_dim loaded or cached, a call compiles its own head_dim alone and gives the same output."
+    from tiny_turboquant import kernel
+    monkeypatch.setattr(kernel, "_EXTENSIONS", {})
+    monkeypatch.setattr(kernel, "is_built", lambda name: False)  # as on a machine that never built the kernel
+    check(*FIXED[3])
+    assert set(kernel._EXTENSIONS) == {("TT_ONLY_HEAD_DIM=64",), ((), 64)}, sorted(map(str, kernel._EXTENSIONS))
+    assert "TT_ONLY_HEAD_DIM64" in kernel._EXTENSIONS[((), 64)].__name__
+
+
 def test_default_keeps_the_pytorch_path_where_the_kernel_cannot_run(monkeypatch):
     "On a GPU the kernel cannot run on (faked here: a Turing GPU), the default cache says why and decodes without it."
     from tiny_turboquant import kernel
