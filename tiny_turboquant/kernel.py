@@ -42,7 +42,7 @@ def extension_name(capability, defines=()):
 def unavailable_reason(capability, can_compile):
     "Why the kernel cannot run on a GPU of compute `capability`, or `None`; `can_compile`: torch finds a CUDA compiler."
     if capability[0] < 8: return f"compute capability {capability[0]}.{capability[1]} (the kernel needs 8.0 or newer: mma.sync m16n8k16)"
-    if not can_compile: return "no CUDA compiler to build it on first use (install a CUDA toolkit and set CUDA_HOME)"
+    if not can_compile: return "no CUDA compiler (torch builds the kernel, and loads a cached build, with nvcc: install a CUDA toolkit and set CUDA_HOME)"
     return None
 
 @functools.lru_cache(maxsize=None)
@@ -50,7 +50,6 @@ def kernel_unavailable(device_index=None):
     "Why the kernel cannot run on CUDA device `device_index` (the current one by default), or `None` when it can; asked once per device."
     if not torch.cuda.is_available(): return "no CUDA GPU (torch.cuda.is_available() is False)"
     from torch.utils import cpp_extension
-    # (torch's loader needs the compiler even for a cached build: it rewrites the build file before it loads)
     return unavailable_reason(torch.cuda.get_device_capability(device_index), cpp_extension.CUDA_HOME is not None)
 
 HEAD_DIMS = (64, 128, 256)  # the head sizes the kernel is compiled for
